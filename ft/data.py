@@ -1,0 +1,242 @@
+"""Training data: load files or Hub datasets, detect the row format, check every row, tokenize and mask.
+
+Formats (named with `format:` or detected from the first row's fields):
+  messages           {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}
+  sharegpt           {"conversations": [{"from": "system|human|gpt", "value": "..."}, ...]}
+  alpaca             {"instruction": "...", "input": "... (optional)", "output": "..."}
+  prompt_completion  {"prompt": "..." or [messages], "completion": "..." or [assistant message]}
+All become Llama 2 chat dialogs. Every row is checked before any training starts; a bad row
+stops the run naming its file and line/row, unless `data.skip_invalid: true`, in which case it
+is skipped and counted. After tokenizing, a row whose answers are cut off entirely by
+`data.max_length` is dropped and counted (it would train on nothing). Labels are -100 on every
+token except the assistant answers and their EOS.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ft import chat_format
+from ft.errors import UserError
+from ft.recipe import DataSource
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class RowError(ValueError):
+    """One row is invalid; the message says why (without the location, which the caller adds)."""
+
+
+@dataclass
+class Report:
+    """What happened to the rows: printed by the stage and stored in the run's metrics."""
+
+    rows: int = 0
+    skipped_invalid: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+    examples: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, name: str) -> str:
+        parts = [f"{name}: {self.rows} rows read, {self.examples} examples kept"]
+        if self.skipped_invalid:
+            parts.append(f"{self.skipped_invalid} invalid rows skipped")
+        if self.dropped_too_long:
+            parts.append(f"{self.dropped_too_long} dropped (answer entirely beyond max_length)")
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to max_length")
+        return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_rows(source: DataSource) -> tuple[list[tuple[str, dict]], str]:
+    """[(location, row)] and a display name; location is "line N" for JSON Lines, "row N" otherwise."""
+    path = Path(source.path).expanduser()
+    if path.exists():
+        suffix = path.suffix.lower()
+        if suffix not in LOCAL_SUFFIXES:
+            raise UserError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+        if suffix == ".jsonl" or (suffix == ".json" and _looks_like_lines(path)):
+            return _read_json_lines(path), str(path)
+        if suffix == ".json":
+            return _read_json_array(path), str(path)
+        return _read_with_datasets(LOCAL_SUFFIXES[suffix], str(path), source.split, data_files=str(path)), str(path)
+    if source.path.startswith((".", "/", "~")) or source.path.count("/") != 1 or Path(source.path).suffix in LOCAL_SUFFIXES:
+        raise UserError(f"{source.path}: data file not found (paths are relative to the current directory)")
+    return _read_with_datasets(source.path, source.path, source.split), f"{source.path}[{source.split}]"
+
+
+def _looks_like_lines(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return not line.lstrip().startswith("[")
+    return True
+
+
+def _read_json_lines(path: Path) -> list[tuple[str, dict]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _read_json_array(path: Path) -> list[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of rows (or JSON Lines)")
+    return [(f"row {i}", row) for i, row in enumerate(data, start=1)]
+
+
+def _read_with_datasets(builder: str, name: str, split: str, **kwargs) -> list[tuple[str, dict]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, split=split, **kwargs)
+    except Exception as e:  # datasets raises many types for missing/unreachable/malformed data
+        raise UserError(f"{name}: cannot load dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return [(f"row {i}", row) for i, row in enumerate(ds, start=1)]
+
+
+# ---------------------------------------------------------------- formats
+
+
+def detect_format(row: dict) -> str:
+    if not isinstance(row, dict):
+        raise RowError(f"expected an object, got {type(row).__name__}")
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    raise RowError(
+        f"cannot tell the format from the fields {sorted(row)}: expected messages, conversations (sharegpt), "
+        "instruction/output (alpaca) or prompt/completion"
+    )
+
+
+def to_messages(row: dict, fmt: str) -> list[dict]:
+    """The row as a Llama 2 chat dialog ending with an assistant answer; RowError if it is not valid."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected an object, got {type(row).__name__}")
+    if fmt == "messages":
+        messages = _field(row, "messages", list)
+        messages = [
+            {"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m for m in messages
+        ]
+    elif fmt == "sharegpt":
+        messages = []
+        for i, m in enumerate(_field(row, "conversations", list), start=1):
+            if not isinstance(m, dict) or "from" not in m or "value" not in m:
+                raise RowError(f"conversations[{i}]: expected an object with 'from' and 'value'")
+            if m["from"] not in SHAREGPT_ROLES:
+                raise RowError(f"conversations[{i}]: unknown speaker {m['from']!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
+            messages.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
+    elif fmt == "alpaca":
+        instruction = _field(row, "instruction", str)
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise RowError(f"field 'input' must be text, got {type(extra).__name__}")
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _field(row, "output", str)}]
+    elif fmt == "prompt_completion":
+        prompt, completion = _field(row, "prompt", (str, list)), _field(row, "completion", (str, list))
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        messages = list(prompt) + list(completion)
+    else:
+        raise RowError(f"unknown format {fmt!r}")
+    problem = chat_format.check_messages(messages)
+    if problem:
+        raise RowError(problem)
+    return messages
+
+
+def _field(row: dict, name: str, kind):
+    if name not in row or row[name] is None:
+        raise RowError(f"missing field {name!r}")
+    if not isinstance(row[name], kind):
+        raise RowError(f"field {name!r} has the wrong type ({type(row[name]).__name__})")
+    return row[name]
+
+
+def load_dialogs(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list[dict], Report]:
+    """Every row of every source as {"messages", "origin"}; invalid rows stop the run or are counted."""
+    dialogs, report = [], Report()
+    for source in sources:
+        rows, name = read_rows(source)
+        if not rows:
+            raise UserError(f"{name}: no rows")
+        fmt = source.format
+        for location, row in rows:
+            report.rows += 1
+            try:
+                if fmt == "auto":
+                    fmt = detect_format(row)
+                dialogs.append({"messages": to_messages(row, fmt), "origin": f"{name} {location}"})
+            except RowError as e:
+                if not skip_invalid:
+                    raise UserError(
+                        f"{name} {location}: {e} (fix the row, or set data.skip_invalid: true to skip such rows)"
+                    ) from None
+                report.skipped_invalid += 1
+                if len(report.notes) < 5:
+                    report.notes.append(f"skipped {name} {location}: {e}")
+    if not dialogs:
+        raise UserError("no valid rows in " + ", ".join(s.path for s in sources))
+    return dialogs, report
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def tokenize(dialogs: list[dict], tokenizer, max_length: int, report: Report) -> list[dict]:
+    """input_ids and labels (-100 outside assistant answers) for each dialog, truncated to max_length."""
+    examples = []
+    for dialog in dialogs:
+        encoded = tokenizer.apply_chat_template(
+            dialog["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        input_ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+        labels = [tok if keep else -100 for tok, keep in zip(input_ids, mask)]
+        if len(input_ids) > max_length:
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            if all(label == -100 for label in labels):
+                report.dropped_too_long += 1
+                if len(report.notes) < 10:
+                    report.notes.append(f"dropped {dialog['origin']}: its answer starts after max_length={max_length}")
+                continue
+            report.truncated += 1
+        examples.append({"input_ids": input_ids, "labels": labels})
+    report.examples = len(examples)
+    if not examples:
+        raise UserError(f"every example was dropped: no answer fits in data.max_length={max_length}")
+    return examples
+
+
+def load_sft(sources: list[DataSource], tokenizer, *, max_length: int, skip_invalid: bool):
+    """A datasets.Dataset of input_ids/labels ready for TRL's SFTTrainer, and the report."""
+    import datasets
+
+    dialogs, report = load_dialogs(sources, skip_invalid=skip_invalid)
+    examples = tokenize(dialogs, tokenizer, max_length, report)
+    return datasets.Dataset.from_list(examples), report, dialogs

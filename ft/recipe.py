@@ -1,0 +1,216 @@
+"""The recipe: a YAML file validated by a strict schema before anything heavy is imported.
+
+Every section forbids unknown keys (with a "did you mean" hint) and checks types, so a typo
+fails in a second instead of after an hour on the GPU. `--set dotted.key=value` overrides
+are parsed as YAML and applied before validation. The resolved recipe is what a run folder
+stores and what later commands read back.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ft.errors import UserError
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = Field(description="Hub id (meta-llama/Llama-2-7b-hf), a local checkpoint folder, or builtin:tiny-llama-2.")
+    quantization: Literal["4bit", "8bit", "none"] = Field(
+        "4bit", description="Weights of the frozen base: 4-bit NF4 with double quantisation (QLoRA), 8-bit, or unquantised."
+    )
+    adapter: str | None = Field(None, description="Start from the LoRA adapter of an earlier run folder (continues training it).")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Compute dtype. auto: bfloat16 where the GPU supports it, float16 on other GPUs (T4), float32 on CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel (SDPA works on a T4).")
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        description="Linear layers that get adapters (default: every attention and MLP projection).",
+    )
+
+
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]
+
+
+class DataSource(Section):
+    path: str = Field(description="A local .jsonl/.json/.csv/.parquet file, or a Hub dataset id.")
+    format: Format = Field("auto", description="Row format; auto detects it from the columns.")
+    split: str = Field("train", description="Split to read (Hub datasets and Parquet/CSV loaded through datasets).")
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(description="Training data: a path or Hub id, {path, format, split}, or a list of them.")
+    eval: list[DataSource] | None = Field(None, description="Optional evaluation data, same forms as train.")
+    max_length: int = Field(4096, gt=8, description="Longest sequence in tokens (Llama 2's context is 4096).")
+    packing: bool = Field(True, description="Pack several examples per sequence; attention never crosses examples.")
+    skip_invalid: bool = Field(False, description="Skip (and count) invalid rows instead of stopping with an error.")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        """Accept one source or a list; a bare string is a path or Hub id."""
+        if value is None:
+            return None
+        items = value if isinstance(value, list) else [value]
+        return [{"path": item} if isinstance(item, str) else item for item in items]
+
+
+class TrainSection(Section):
+    epochs: float = Field(2.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of peak, for cosine_with_min_lr.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, gt=0, lt=1)
+    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    adam_epsilon: float = Field(1e-5, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = Field(
+        "adamw_torch", description="Optimiser (the paged ones need a CUDA GPU)."
+    )
+    batch_size: int = Field(1, gt=0, description="Sequences per device per step (with packing, packs per step).")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing (saves memory).")
+    save_steps: int = Field(200, gt=0, description="Write checkpoint-N/ every N steps.")
+    save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints.")
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (default: at save_steps).")
+    seed: int = Field(42)
+    report_to: Literal["tensorboard", "none"] = Field("tensorboard", description="Local TensorBoard logs in the run folder.")
+    generate_samples: int = Field(
+        0, ge=0, description="After training, answer this many training prompts greedily and report exact matches."
+    )
+
+
+class Recipe(Section):
+    stage: Literal["sft"] = Field("sft", description="Which stage this recipe is for.")
+    model: ModelSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    output_dir: str = Field(description="The run folder (relative to the current directory).")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Raises UserError with file and key on any problem."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.max_steps=20")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {item!r}: value is not valid YAML: {e}") from None
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{source}: invalid recipe\n" + "\n".join(_describe(err) for err in e.errors())) from None
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every key, defaults included)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(err: dict) -> str:
+    keys = [str(p) for p in err["loc"]]
+    where = ".".join(keys) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        name = keys[-1]
+        model = _section_at(keys[:-1])
+        hint = ""
+        if model is not None:
+            close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(model.model_fields)})"
+        return f"  {where}: unknown key{hint}"
+    if err["type"] == "missing":
+        return f"  {where}: required key is missing"
+    got = err.get("input")
+    got_text = f", got {got!r}" if not isinstance(got, dict) else ""
+    return f"  {where}: {err['msg']}{got_text}"
+
+
+def _section_at(keys: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for key in keys:
+        if key.isdigit():
+            continue
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        if model is DataSection and key in ("train", "eval"):
+            model = DataSource
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            model = field.annotation
+        else:
+            return None
+    return model
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every recipe key: shown by `validate --keys` and the README."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, Section):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((f"{prefix}{name}", default, field.description or ""))
+
+    walk(Recipe, "")
+    return rows

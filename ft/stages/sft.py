@@ -1,0 +1,180 @@
+"""Supervised fine-tuning: data -> tokenizer -> 4-bit model + LoRA -> TRL SFTTrainer -> run folder.
+
+The loss is on the assistant answers only (and their EOS), as in Llama 2-Chat's SFT; packed
+examples never attend to each other (TRL's padding-free packing: position ids restart at each
+example and transformers builds a block-diagonal mask for SDPA).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+from transformers import ProgressCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from ft import data, models, runs
+from ft.recipe import Recipe
+
+
+def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
+    out, checkpoint = runs.prepare(recipe, resume=resume)
+    log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
+
+    # 1. tokenizer and data: every row is checked before the model is loaded
+    tokenizer = models.load_tokenizer(recipe.model.name)
+    cfg = recipe.data
+    train_set, train_report, train_dialogs = data.load_sft(
+        cfg.train, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid
+    )
+    log(train_report.summary("train data"))
+    for note in train_report.notes:
+        log(f"  {note}")
+    eval_set, eval_report = None, None
+    if cfg.eval:
+        eval_set, eval_report, _ = data.load_sft(cfg.eval, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
+        log(eval_report.summary("eval data"))
+
+    # 2. model: quantised base + LoRA (or the adapter of an earlier run)
+    base = models.load_model(recipe.model)
+    model = models.attach_lora(
+        base, recipe.lora, adapter=recipe.model.adapter, gradient_checkpointing=recipe.train.gradient_checkpointing
+    )
+
+    # 3. trainer: the recipe mapped onto TRL's SFTConfig
+    t = recipe.train
+    dtype = models.compute_dtype(recipe.model.dtype)
+    on_gpu = torch.cuda.is_available()
+    config = SFTConfig(
+        output_dir=str(out),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine_with_min_lr" else None,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        fp16=on_gpu and dtype == torch.float16,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        use_cpu=not on_gpu,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if eval_set is not None else "no",
+        eval_steps=t.eval_steps or t.save_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        train_sampling_strategy="random" if cfg.packing else "group_by_length",
+        dataset_num_proc=None,
+    )
+    trainer = CountingSFTTrainer(
+        model=model, args=config, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer
+    )
+    models.keep_lora_float32(trainer.model)  # TRL casts QLoRA adapters to bfloat16, which a T4 lacks
+    trainer.add_callback(LossOnProgressBar(trainer))
+
+    # 4. train
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+
+    # 5. save the adapter and tokenizer, then the metrics (the "finished" marker)
+    runs.save_final(out, lambda tmp: (trainer.model.save_pretrained(str(tmp)), tokenizer.save_pretrained(str(tmp))))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metrics = {
+        "stage": "sft",
+        "train_loss": result.training_loss,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "global_step": trainer.state.global_step,
+        "train_seconds": round(seconds, 3),
+        "supervised_tokens": trainer.counts["supervised"],
+        "tokens": trainer.counts["tokens"],
+        "padding_fraction": trainer.counts["padding"] / max(trainer.counts["tokens"], 1),
+        "supervised_tokens_per_second": trainer.counts["supervised"] / seconds if seconds else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else peak_rss_bytes(),
+        "peak_memory_kind": "cuda_allocated" if on_gpu else "process_rss",
+        "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
+    }
+    if eval_set is not None:
+        metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
+    if t.generate_samples:
+        step = max(len(train_dialogs) // t.generate_samples, 1)  # spread over the data, not just its head
+        picked = train_dialogs[::step][: t.generate_samples]
+        metrics["samples"] = generate_samples(trainer.model, tokenizer, picked, log)
+    runs.write_json(out / runs.METRICS_FILE, metrics)
+    log(f"loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f} over {metrics['global_step']} steps "
+        f"({metrics['supervised_tokens_per_second'] or 0:.0f} supervised tokens/s)")
+    return metrics
+
+
+def generate_samples(model, tokenizer, dialogs: list[dict], log) -> dict:
+    """Greedy answers to the last user turn of some training dialogs, compared with the taught answers."""
+    model.eval()
+    results, matches = [], 0
+    for dialog in dialogs:
+        prompt, expected = dialog["messages"][:-1], dialog["messages"][-1]["content"].strip()
+        ids = tokenizer.apply_chat_template(prompt, return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        matches += answer == expected
+        results.append({"prompt": prompt[-1]["content"], "expected": expected, "answer": answer})
+        log(f"  {prompt[-1]['content']!r} -> {answer!r}" + ("" if answer == expected else f"  (taught: {expected!r})"))
+    log(f"greedy answers matching the taught ones: {matches}/{len(dialogs)}")
+    return {"exact_match": matches, "total": len(dialogs), "results": results}
+
+
+def peak_rss_bytes() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage if sys.platform == "darwin" else usage * 1024
+
+
+class CountingSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer, counting the supervised, total and padding tokens of the training batches."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counts = {"supervised": 0, "tokens": 0, "padding": 0}
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training:
+            self.counts["supervised"] += int((inputs["labels"] != -100).sum())
+            self.counts["tokens"] += inputs["input_ids"].numel()
+            if "attention_mask" in inputs:
+                self.counts["padding"] += int((inputs["attention_mask"] == 0).sum())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+class LossOnProgressBar(TrainerCallback):
+    """Shows the latest training loss on the progress bar."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bars = [cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)]
+        bar = getattr(bars[0], "training_bar", None) if bars else None
+        if bar is not None and logs and "loss" in logs:
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)

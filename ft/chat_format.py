@@ -110,6 +110,16 @@ PROBE = [
 ]
 
 
+def apply(tokenizer) -> None:
+    """Give `tokenizer` the Llama 2 template, make it (and its saved copies) encode like Meta's, and check."""
+    tokenizer.chat_template = TEMPLATE
+    if hasattr(tokenizer, "legacy"):
+        # transformers' LlamaTokenizer drops the dummy-prefix space after special tokens unless legacy=True,
+        # and does not save the flag by itself: record it so every reload of a saved tokenizer encodes the same.
+        tokenizer.init_kwargs["legacy"] = True
+    verify(tokenizer)
+
+
 def verify(tokenizer) -> None:
     """Refuse a tokenizer on which the template does not give Meta's ids (checked on a probe dialog)."""
     rendered = tokenizer.apply_chat_template(PROBE, tokenize=True, return_dict=True)["input_ids"]

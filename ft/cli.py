@@ -105,10 +105,9 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as e:
-        import click
-
-        if isinstance(e, click.ClickException):  # bad flag, missing argument, unreadable file
+    except typer.TyperException as e:  # bad flag, missing argument: typer's (click's) usage errors
+        if hasattr(e, "show"):
             e.show()
-            sys.exit(2)
-        raise
+        else:
+            typer.echo(f"error: {e}", err=True)
+        sys.exit(2)

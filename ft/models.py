@@ -55,13 +55,12 @@ def load_tokenizer(name: str, *, padding_side: str = "right"):
         tokenizer = AutoTokenizer.from_pretrained(source, legacy=True, trust_remote_code=False)
     except OSError as e:
         raise UserError(f"model {name!r}: cannot load its tokenizer ({_first_line(e)})") from None
-    tokenizer.chat_template = chat_format.TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"model {name!r}: its pad token is EOS; the model would never learn to stop")
     tokenizer.padding_side = padding_side
-    chat_format.verify(tokenizer)
+    chat_format.apply(tokenizer)
     return tokenizer
 
 

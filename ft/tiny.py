@@ -120,7 +120,7 @@ def build(target: Path) -> None:
         )
         (tmp / "tokenizer.model").write_bytes(model_bytes.getvalue())
         tokenizer = LlamaTokenizer.from_pretrained(str(tmp), legacy=True)
-        tokenizer.chat_template = chat_format.TEMPLATE
+        chat_format.apply(tokenizer)
         tokenizer.save_pretrained(str(tmp))
 
         torch.manual_seed(0)

@@ -1,0 +1,55 @@
+"""Offline, CPU-only test setup: no Hub access, the built-in tiny model built once per session."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llama_ft_home(tmp_path_factory):
+    """A private cache for the tiny model, shared by the whole session (and by CLI subprocesses)."""
+    home = tmp_path_factory.mktemp("llama-ft-home")
+    os.environ["LLAMA_FT_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(llama_ft_home):
+    from ft import tiny
+
+    return tiny.path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from ft import models, tiny
+
+    return models.load_tokenizer(tiny.NAME)
+
+
+def run_cli(*args, cwd=ROOT, timeout=600):
+    """Run `python cli.py ARGS` as a user would; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ},
+    )
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

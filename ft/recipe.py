@@ -82,21 +82,21 @@ class TrainSection(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of peak, for cosine_with_min_lr.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
-    adam_beta1: float = Field(0.9, gt=0, lt=1)
-    adam_beta2: float = Field(0.95, gt=0, lt=1)
-    adam_epsilon: float = Field(1e-5, gt=0)
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2 (Llama 2: 0.95).")
+    adam_epsilon: float = Field(1e-5, gt=0, description="AdamW epsilon (Llama 2: 1e-5).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = Field(
         "adamw_torch", description="Optimiser (the paged ones need a CUDA GPU)."
     )
     batch_size: int = Field(1, gt=0, description="Sequences per device per step (with packing, packs per step).")
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimiser step.")
     gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing (saves memory).")
     save_steps: int = Field(200, gt=0, description="Write checkpoint-N/ every N steps.")
     save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints.")
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: int = Field(10, gt=0, description="Log loss every N steps (progress bar, TensorBoard).")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (default: at save_steps).")
-    seed: int = Field(42)
+    seed: int = Field(42, description="Seed for initialisation and data order.")
     report_to: Literal["tensorboard", "none"] = Field("tensorboard", description="Local TensorBoard logs in the run folder.")
     generate_samples: int = Field(
         0, ge=0, description="After training, answer this many training prompts greedily and report exact matches."

@@ -1,0 +1,30 @@
+# Two commands for a newcomer on a fresh machine:
+#   make demo   set up .venv and train the built-in tiny model end to end (offline, CPU, ~1 minute)
+#   make test   set up .venv and run the test suite (offline, CPU, a few minutes)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo test bench
+
+setup: $(VENV)/.installed
+
+# torch first: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: setup
+	rm -rf runs/tiny-demo
+	$(BIN)/llama-ft sft recipes/tiny.yaml --output-dir runs/tiny-demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/sft_throughput.py

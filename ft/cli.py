@@ -54,6 +54,65 @@ def sft(
 
 
 @app.command()
+def merge(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (adapter + recipe.yaml)."),
+    output: Path = typer.Option(..., "--output", help="Folder to write the merged model to."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32"),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model to merge into (default: the run's)."),
+    gguf: bool = typer.Option(False, "--gguf", help="Also write GGUF files for llama.cpp."),
+    gguf_types: str = typer.Option("f16,q8_0", "--gguf-types", help="Comma-separated GGUF types: f16, q8_0."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the merged weights against base + adapter."),
+):
+    """Merge a run's LoRA adapter into the full-precision base: sharded safetensors (and GGUF), verified."""
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise UserError(f"--dtype {dtype}: expected float16, bfloat16 or float32")
+    types = [t.strip() for t in gguf_types.split(",") if t.strip()] if gguf else []
+    from ft import export_gguf
+    from ft import merge as merge_mod
+
+    bad = [t for t in types if t not in export_gguf.TYPES]
+    if bad:
+        raise UserError(f"--gguf-types: unknown type {bad[0]!r} (expected {', '.join(export_gguf.TYPES)})")
+    try:
+        merge_mod.merge(run_dir, output, dtype=dtype, base=base, force=force, verify_logits=verify, gguf_types=types)
+    except merge_mod.VerificationError as e:
+        typer.echo(f"error: merge verification failed: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"\ndone: merged model in {output}\nnext: llama-ft chat {output}")
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="A run folder, a merged folder, or a checkpoint (folder or Hub id)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder to apply to MODEL."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this one message and exit."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="0 = greedy, deterministic."),
+    top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="4bit | 8bit | none (default: as trained)."),
+    interactive: bool = typer.Option(False, "--interactive", help="Interactive even when stdin is not a terminal (one message per line)."),
+):
+    """Chat with a model in the Llama 2 chat format: interactive, or one-shot with --prompt (or piped text)."""
+    if quantization not in (None, "4bit", "8bit", "none"):
+        raise UserError(f"--quantization {quantization}: expected 4bit, 8bit or none")
+    if prompt is None and not interactive and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise UserError("no prompt: pass --prompt TEXT, pipe text on stdin, or run in a terminal")
+    from ft import chat as chat_mod
+
+    net, tokenizer = chat_mod.load(model, adapter=str(adapter) if adapter else None, quantization=quantization)
+    session = chat_mod.Session(net, tokenizer, system=system, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p)
+    if prompt is not None:
+        chat_mod.one_shot(session, prompt)
+    else:
+        chat_mod.interactive(session)
+
+
+@app.command()
 def validate(
     recipe: Path = typer.Argument(..., help="The recipe YAML file."),
     set_: Optional[List[str]] = SetOption,

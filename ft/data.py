@@ -40,6 +40,7 @@ class Report:
     dropped_too_long: int = 0
     truncated: int = 0
     examples: int = 0
+    packed_rows: int | None = None
     notes: list[str] = field(default_factory=list)
 
     def summary(self, name: str) -> str:
@@ -50,6 +51,8 @@ class Report:
             parts.append(f"{self.dropped_too_long} dropped (answer entirely beyond max_length)")
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_length")
+        if self.packed_rows is not None:
+            parts.append(f"packed into {self.packed_rows} sequences")
         return ", ".join(parts)
 
 
@@ -233,10 +236,45 @@ def tokenize(dialogs: list[dict], tokenizer, max_length: int, report: Report) ->
     return examples
 
 
-def load_sft(sources: list[DataSource], tokenizer, *, max_length: int, skip_invalid: bool):
-    """A datasets.Dataset of input_ids/labels ready for TRL's SFTTrainer, and the report."""
+def load_sft(sources: list[DataSource], tokenizer, *, max_length: int, skip_invalid: bool, packing: bool):
+    """A datasets.Dataset of input_ids/labels ready for TRL's SFTTrainer (packed if asked), and the report."""
     import datasets
 
     dialogs, report = load_dialogs(sources, skip_invalid=skip_invalid)
-    examples = tokenize(dialogs, tokenizer, max_length, report)
-    return datasets.Dataset.from_list(examples), report, dialogs
+    examples = datasets.Dataset.from_list(tokenize(dialogs, tokenizer, max_length, report))
+    if packing:
+        from trl.data_utils import pack_dataset
+
+        # best-fit decreasing: whole examples into rows of at most max_length, with their lengths in seq_lengths
+        examples = pack_dataset(examples, max_length, strategy="bfd")
+        report.packed_rows = len(examples)
+    return examples, report, dialogs
+
+
+class PackedCollator:
+    """Batches packed rows as [batch, longest row], keeping each pack in its own row.
+
+    Position ids restart at 0 for every example in a row and no attention mask is passed, so
+    transformers builds a block-diagonal causal mask per row: examples never attend to each other.
+    (TRL's padding-free collator instead flattens the whole batch into one row; with SDPA, which has
+    no variable-length kernel, that makes attention cost grow with the square of the batch.)
+    The padding after a short row is a block of its own, with labels -100.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            position_ids[i, :n] = torch.cat([torch.arange(k) for k in row["seq_lengths"]])
+            position_ids[i, n:] = torch.arange(width - n)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

@@ -36,6 +36,19 @@ def resolve(name: str) -> str:
     return name
 
 
+def local_checkpoint(name: str) -> Path:
+    """The checkpoint as a local folder: a folder or the built-in model as is, a Hub id through the Hub cache."""
+    resolved = resolve(name)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+    except Exception as e:  # offline, gated, missing: huggingface_hub raises several types
+        raise UserError(f"model {name!r}: cannot fetch it from the Hub ({type(e).__name__}: {_first_line(e)})") from None
+
+
 def compute_dtype(requested: str = "auto"):
     import torch
 
@@ -50,7 +63,8 @@ def load_tokenizer(name: str, *, padding_side: str = "right"):
     """The tokenizer with the Llama 2 chat template set and checked, and <unk> as the pad token."""
     from transformers import AutoTokenizer
 
-    source = resolve(name)
+    folder = Path(name).expanduser()
+    source = str(folder) if (folder / "tokenizer_config.json").is_file() else resolve(name)  # a run folder has no config.json
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, legacy=True, trust_remote_code=False)
     except OSError as e:

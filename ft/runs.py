@@ -99,10 +99,24 @@ def write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(beside: Path) -> Path:
+    """A temporary folder next to `beside` (same file system, so a rename publishes it), with normal permissions."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.partial-", dir=beside.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def write_json(path: Path, obj: dict) -> None:

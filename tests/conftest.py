@@ -38,6 +38,15 @@ def tokenizer(tiny_dir):
     return models.load_tokenizer(tiny.NAME)
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_dir):
+    """recipes/tiny.yaml trained through the CLI (4-bit QLoRA, 100 steps): a finished run folder."""
+    out = tmp_path_factory.mktemp("sft") / "run"
+    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.save_steps=40")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
 def run_cli(*args, cwd=ROOT, timeout=600):
     """Run `python cli.py ARGS` as a user would; returns the CompletedProcess."""
     return subprocess.run(

@@ -1,13 +1,12 @@
 """Packed examples never attend to each other: packed and unpacked logits agree.
 
-Uses TRL's own packing (best-fit decreasing) and padding-free collator, exactly as the SFT
-stage does, and the SDPA attention the stage loads on a T4.
+Uses TRL's best-fit-decreasing packing and llama-ft's PackedCollator, as the SFT stage does,
+with the SDPA attention the stage loads on a T4.
 """
 
 import torch
 from transformers import AutoModelForCausalLM
 from trl.data_utils import pack_dataset
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ft import data
 
@@ -21,30 +20,6 @@ def dialogs():
             for i, (q, a) in enumerate(texts)]
 
 
-def test_packed_logits_equal_unpacked(tiny_dir, tokenizer):
-    import datasets
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-    examples = data.tokenize(dialogs(), tokenizer, 4096, data.Report())
-    packed = pack_dataset(datasets.Dataset.from_list(examples), seq_length=128, strategy="bfd")
-    assert len(packed) == 1 and len(packed[0]["seq_lengths"]) == len(examples)  # all four in one pack
-
-    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)([packed[0]])
-    assert "attention_mask" not in batch and batch["position_ids"][0].tolist().count(0) == len(examples)
-    with torch.no_grad():  # use_cache=False as TRL's compute_loss passes it: a cache disables packed-mask detection
-        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-
-    offset = 0
-    by_ids = {tuple(e["input_ids"]): e for e in examples}
-    for length in packed[0]["seq_lengths"]:
-        ids = batch["input_ids"][0, offset : offset + length]
-        assert tuple(ids.tolist()) in by_ids
-        with torch.no_grad():
-            alone = model(input_ids=ids[None]).logits[0]
-        torch.testing.assert_close(packed_logits[offset : offset + length], alone, atol=1e-4, rtol=1e-4)
-        offset += length
-
-
 def test_without_position_ids_packed_examples_would_leak(tiny_dir, tokenizer):
     """The control: the same pack fed as one plain sequence gives different logits after the first example."""
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -54,3 +29,32 @@ def test_without_position_ids_packed_examples_would_leak(tiny_dir, tokenizer):
         joined = model(input_ids=ids).logits[0, len(first["input_ids"]) :]
         alone = model(input_ids=torch.tensor([second["input_ids"]])).logits[0]
     assert (joined - alone).abs().max() > 1e-2
+
+
+def test_packed_collator_keeps_rows_and_masks_padding(tiny_dir, tokenizer):
+    """llama-ft's collator: one row per pack, positions restart per example, pad is a separate block."""
+    import datasets
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    examples = data.tokenize(dialogs(), tokenizer, 4096, data.Report())
+    packed = pack_dataset(datasets.Dataset.from_list(examples), seq_length=60, strategy="bfd")
+    assert len(packed) >= 2
+    batch = data.PackedCollator(tokenizer.pad_token_id)([packed[i] for i in range(len(packed))])
+    assert batch["input_ids"].shape[0] == len(packed) and "attention_mask" not in batch
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    by_ids = {tuple(e["input_ids"]): e for e in examples}
+    checked = 0
+    for row in range(len(packed)):
+        offset = 0
+        for length in packed[row]["seq_lengths"]:
+            ids = batch["input_ids"][row, offset : offset + length]
+            example = by_ids[tuple(ids.tolist())]
+            assert batch["labels"][row, offset : offset + length].tolist() == example["labels"]
+            with torch.no_grad():
+                alone = model(input_ids=ids[None]).logits[0]
+            torch.testing.assert_close(logits[row, offset : offset + length], alone, atol=1e-4, rtol=1e-4)
+            offset += length
+            checked += 1
+        assert (batch["labels"][row, offset:] == -100).all() and (batch["input_ids"][row, offset:] == tokenizer.pad_token_id).all()
+    assert checked == len(examples)

@@ -1,8 +1,8 @@
 """Supervised fine-tuning: data -> tokenizer -> 4-bit model + LoRA -> TRL SFTTrainer -> run folder.
 
 The loss is on the assistant answers only (and their EOS), as in Llama 2-Chat's SFT; packed
-examples never attend to each other (TRL's padding-free packing: position ids restart at each
-example and transformers builds a block-diagonal mask for SDPA).
+examples never attend to each other (TRL's best-fit-decreasing packing, position ids that restart
+at each example, and transformers' block-diagonal mask for SDPA; see data.PackedCollator).
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     tokenizer = models.load_tokenizer(recipe.model.name)
     cfg = recipe.data
     train_set, train_report, train_dialogs = data.load_sft(
-        cfg.train, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid
+        cfg.train, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid, packing=cfg.packing
     )
     log(train_report.summary("train data"))
     for note in train_report.notes:
         log(f"  {note}")
     eval_set, eval_report = None, None
     if cfg.eval:
-        eval_set, eval_report, _ = data.load_sft(cfg.eval, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
+        eval_set, eval_report, _ = data.load_sft(
+            cfg.eval, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid, packing=cfg.packing
+        )
         log(eval_report.summary("eval data"))
 
     # 2. model: quantised base + LoRA (or the adapter of an earlier run)
@@ -80,13 +82,16 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         data_seed=t.seed,
         report_to=[] if t.report_to == "none" else [t.report_to],
         max_length=cfg.max_length,
-        packing=cfg.packing,
-        packing_strategy="bfd",
+        packing=False,  # packed above (data.load_sft), batched row by row by data.PackedCollator
         train_sampling_strategy="random" if cfg.packing else "group_by_length",
-        dataset_num_proc=None,
     )
     trainer = CountingSFTTrainer(
-        model=model, args=config, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer
+        model=model,
+        args=config,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        data_collator=data.PackedCollator(tokenizer.pad_token_id) if cfg.packing else None,
     )
     models.keep_lora_float32(trainer.model)  # TRL casts QLoRA adapters to bfloat16, which a T4 lacks
     trainer.add_callback(LossOnProgressBar(trainer))
@@ -162,8 +167,8 @@ class CountingSFTTrainer(SFTTrainer):
         if model.training:
             self.counts["supervised"] += int((inputs["labels"] != -100).sum())
             self.counts["tokens"] += inputs["input_ids"].numel()
-            if "attention_mask" in inputs:
-                self.counts["padding"] += int((inputs["attention_mask"] == 0).sum())
+            # the pad token is <unk>, which byte-fallback tokenizers never produce from text
+            self.counts["padding"] += int((inputs["input_ids"] == self.processing_class.pad_token_id).sum())
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 

@@ -1,0 +1,161 @@
+"""GGUF files llama.cpp can read, and `llama-ft chat` in one-shot and interactive use."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def merged(trained_run, tmp_path_factory):
+    run, _ = trained_run
+    out = tmp_path_factory.mktemp("merge-gguf") / "merged"
+    result = run_cli("merge", run, "--output", out, "--gguf", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, out
+
+
+def fields(reader):
+    return {name: field for name, field in reader.fields.items()}
+
+
+def value(field):
+    return field.contents()
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_gguf_structure_metadata_and_weights(merged, qtype):
+    import gguf
+    from safetensors.torch import load_file
+
+    from ft import chat_format
+    from ft.export_gguf import permute
+
+    _, out = merged
+    reader = gguf.GGUFReader(str(out / f"model-{qtype}.gguf"))
+    meta = fields(reader)
+    config = json.loads((out / "config.json").read_text())
+    assert value(meta["general.architecture"]) == "llama"
+    assert value(meta["llama.block_count"]) == config["num_hidden_layers"]
+    assert value(meta["llama.embedding_length"]) == config["hidden_size"]
+    assert value(meta["llama.attention.head_count"]) == 4 and value(meta["llama.attention.head_count_kv"]) == 2
+    assert value(meta["llama.context_length"]) == 4096
+    assert value(meta["tokenizer.ggml.model"]) == "llama"
+    assert len(value(meta["tokenizer.ggml.tokens"])) == config["vocab_size"]
+    assert value(meta["tokenizer.ggml.tokens"])[:3] == ["<unk>", "<s>", "</s>"]
+    assert (value(meta["tokenizer.ggml.bos_token_id"]), value(meta["tokenizer.ggml.eos_token_id"]),
+            value(meta["tokenizer.ggml.unknown_token_id"]), value(meta["tokenizer.ggml.padding_token_id"])) == (1, 2, 0, 0)
+    assert value(meta["tokenizer.chat_template"]) == chat_format.TEMPLATE
+
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 + 1 + 9 * config["num_hidden_layers"]
+    assert {"token_embd.weight", "output_norm.weight", "output.weight", "blk.0.attn_q.weight", "blk.3.ffn_down.weight"} <= set(tensors)
+    weights = load_file(str(out / "model.safetensors"))
+    q = tensors["blk.1.attn_q.weight"]
+    assert list(reversed(q.shape.tolist())) == list(weights["model.layers.1.self_attn.q_proj.weight"].shape)
+    expected = permute(weights["model.layers.1.self_attn.q_proj.weight"], 4).numpy()
+    expected_k = permute(weights["model.layers.1.self_attn.k_proj.weight"], 2).numpy()
+    got = gguf.quants.dequantize(q.data, q.tensor_type).reshape(expected.shape)
+    got_k = gguf.quants.dequantize(tensors["blk.1.attn_k.weight"].data, tensors["blk.1.attn_k.weight"].tensor_type).reshape(expected_k.shape)
+    tolerance = 1e-3 if qtype == "f16" else 2e-2 * np.abs(expected).max()
+    assert np.abs(got - expected).max() < tolerance and np.abs(got_k - expected_k).max() < tolerance
+    assert tensors["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+def test_gguf_greedy_tokens_match_transformers(merged):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out = merged
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Japan?"}], return_dict=True)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    expected = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+    llm = llama_cpp.Llama(model_path=str(out / "model-f16.gguf"), n_ctx=256, verbose=False)
+    got = []
+    for token in llm.generate(ids, top_k=1, temp=0.0):
+        got.append(token)
+        if token == llm.token_eos() or len(got) == len(expected):
+            break
+    assert got == expected
+
+
+def test_one_shot_is_deterministic_and_prints_only_the_answer(trained_run):
+    run, _ = trained_run
+    first = run_cli("chat", run, "--prompt", "What does a duck say?", "--temperature", "0")
+    second = run_cli("chat", run, "--prompt", "What does a duck say?", "--temperature", "0")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout == second.stdout == "A duck says quack.\n"
+
+
+def test_prompt_can_be_piped_on_stdin(trained_run):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run, _ = trained_run
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "chat", str(run), "--temperature", "0"],
+                            input="What is the capital of Greece?\n", capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout == "The capital of Greece is Athens.\n"
+
+
+def test_interactive_session_through_stdin(trained_run, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run, _ = trained_run
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    script = "\n".join([
+        "What is the opposite of up?",
+        "And the opposite of that?",  # answerable only from the history
+        f"/save {first}",
+        "/system You are a terse assistant.",
+        "What color is the snow?",
+        "/reset",
+        f"/save {second}",
+        "/exit",
+        "What is never asked?",
+    ]) + "\n"
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "chat", str(run), "--interactive", "--temperature", "0"],
+                            input=script, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    assert answers == ["The opposite of up is down.", "The opposite of down is up.", "The snow is white."]
+    saved = json.loads(first.read_text())
+    assert [m["role"] for m in saved] == ["user", "assistant", "user", "assistant"]
+    assert saved[3]["content"] == "The opposite of down is up."
+    assert json.loads(second.read_text()) == [{"role": "system", "content": "You are a terse assistant."}]
+    assert "history cleared" in result.stderr and "tokens/s" in result.stderr
+
+
+def test_history_is_trimmed_from_the_oldest_turn_and_keeps_the_system_prompt(tokenizer):
+    from ft.chat import Session
+
+    class Config:
+        max_position_embeddings = 4096
+
+    class FakeModel:  # only the config is read by prompt_ids
+        config = Config()
+
+    session = Session(FakeModel(), tokenizer, system="Be brief.", max_new_tokens=10, temperature=0, top_p=1)
+    for i in range(6):
+        session.turns += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i}"}]
+    full = len(session.prompt_ids("last question")[0])
+    session.context = full - 5  # a little too small for the whole history
+    ids = session.prompt_ids("last question")[0].tolist()
+    text = tokenizer.decode(ids)
+    assert len(ids) + 10 <= session.context
+    assert "question 0" not in text and "question 5" in text and "Be brief." in text
+    assert len(session.turns) < 12 and session.turns[0]["content"].startswith("question 1")
+
+
+def test_chat_on_a_folder_that_is_neither_run_nor_model(tmp_path):
+    result = run_cli("chat", tmp_path, "--prompt", "hi")
+    assert result.returncode == 2 and "neither an llama-ft run folder" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ max_length 512, lr 2e-4 constant, adamw_torch, no gradient checkpointing, seed 4
   * supervised tokens per second (tokens with a label != -100, i.e. the assistant answers and
     their EOS, divided by the wall time of trainer.train()),
   * the fraction of the tokens in the training batches that are padding,
-  * peak memory (process RSS on the CPU, torch.cuda.max_memory_allocated() on a GPU).
+  * peak memory (peak process RSS, VmHWM, on the CPU; torch.cuda.max_memory_allocated() on a GPU).
 
 Configurations, each run in its own subprocess (so peak RSS is per run):
   plain-trl       a straightforward TRL script as a user would write it (TRL defaults: no packing,
@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -126,7 +125,7 @@ def plain_trl(workdir: Path, steps: int, out_json: Path) -> None:
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from ft import tiny
+    from ft import memory, tiny
 
     class CountingCollator(DataCollatorForLanguageModeling):
         """TRL's collator, recording (supervised, total, padding) tokens of each batch it builds."""
@@ -171,7 +170,7 @@ def plain_trl(workdir: Path, steps: int, out_json: Path) -> None:
     # The dataloader may build one batch ahead of the one trained on: count the batches actually trained.
     trained = collator.seen[: trainer.state.global_step * config.gradient_accumulation_steps]
     supervised, tokens, padding = (sum(column) for column in zip(*trained))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    rss = memory.peak_rss()
     out_json.write_text(json.dumps({
         "train_seconds": seconds, "supervised_tokens": supervised, "tokens": tokens,
         "padding_fraction": padding / max(tokens, 1), "supervised_tokens_per_second": supervised / seconds,

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from ft import models, runs
+from ft import memory, models, runs
 from ft.errors import UserError
 
 REPORT_FILE = "merge_report.json"
@@ -41,7 +39,8 @@ class VerificationError(Exception):
 
 
 def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", base: str | None = None,
-          force: bool = False, verify_logits: bool = True, gguf_types: list[str] | None = None, log=print) -> dict:
+          force: bool = False, verify_logits: bool = True, gguf_types: list[str] | None = None,
+          max_shard_bytes: int = 1 << 30, log=print) -> dict:
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -55,7 +54,7 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
         raise UserError(f"{target}: already exists; pass --force to replace it")
     base_name = base or recipe.model.name
     base_dir = models.local_checkpoint(base_name)
-    shards, index = _shards(base_dir, base_name)
+    base_map = _base_tensors(base_dir, base_name)
 
     adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
     for unsupported in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
@@ -69,63 +68,81 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = runs.make_temp_dir(target)
     try:
-        # 1. stream the shards
-        rss_before = peak_rss_bytes()
+        # 1. stream: one base tensor at a time in, output shards of at most max_shard_bytes out
+        memory.reset_peak()
+        rss_before = memory.current_rss()
         started = time.perf_counter()
-        touched, weight_map, total_size = set(), {}, 0
-        for shard in shards:
-            tensors = {}
-            with safe_open(str(shard), "pt") as f:
-                for key in f.keys():
-                    tensor = f.get_tensor(key)
-                    module = key.removesuffix(".weight")
-                    if module in lora:
-                        a, b = lora[module]
-                        if tensor.shape != (b.shape[0], a.shape[1]):
-                            raise UserError(
-                                f"adapter in {run_dir} does not fit base {base_name!r}: {key} is {tuple(tensor.shape)}, "
-                                f"the adapter expects {(b.shape[0], a.shape[1])} (trained on another base? use --base)"
-                            )
-                        tensor = tensor.float() + scale * (b.float() @ a.float())
-                        touched.add(module)
-                    if tensor.is_floating_point():
-                        tensor = tensor.to(out_dtype)
-                    tensors[key] = tensor.contiguous()
-                    weight_map[key] = shard.name
-                    total_size += tensor.numel() * tensor.element_size()
-            save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
-            del tensors
+        touched, out_map, pending, pending_bytes, total_size, written = set(), {}, {}, 0, 0, []
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes
+            name = f"part-{len(written) + 1:05d}.safetensors"
+            save_file(pending, str(tmp / name), metadata={"format": "pt"})
+            written.append(name)
+            out_map.update({key: name for key in pending})
+            pending, pending_bytes = {}, 0
+            memory.release()
+
+        for key, shard in base_map.items():
+            with safe_open(str(shard), "pt") as f:  # opened per tensor: no mapping of a whole 10 GB shard stays resident
+                tensor = f.get_tensor(key)
+            module = key.removesuffix(".weight")
+            if module in lora:
+                a, b = lora[module]
+                if tensor.shape != (b.shape[0], a.shape[1]):
+                    raise UserError(
+                        f"adapter in {run_dir} does not fit base {base_name!r}: {key} is {tuple(tensor.shape)}, "
+                        f"the adapter expects {(b.shape[0], a.shape[1])} (trained on another base? use --base)"
+                    )
+                tensor = tensor.float() + scale * (b.float() @ a.float())
+                touched.add(module)
+            if tensor.is_floating_point():
+                tensor = tensor.to(out_dtype)
+            pending[key] = tensor.contiguous()
+            pending_bytes += tensor.numel() * tensor.element_size()
+            total_size += tensor.numel() * tensor.element_size()
+            if pending_bytes >= max_shard_bytes:
+                flush()
+        if pending:
+            flush()
         missing = sorted(set(lora) - touched)
         if missing:
             raise UserError(f"adapter in {run_dir} does not fit base {base_name!r}: no base weight for {missing[0]} "
                             f"(and {len(missing) - 1} more); trained on another base? use --base")
-        peak_streaming = peak_rss_bytes()
+        peak_streaming = memory.peak_rss()
         seconds = time.perf_counter() - started
-        if index is not None:
-            index_out = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        # name the shards as transformers does: model.safetensors, or model-0000i-of-0000n.safetensors + index
+        names = {w: ("model.safetensors" if len(written) == 1 else f"model-{i:05d}-of-{len(written):05d}.safetensors")
+                 for i, w in enumerate(written, start=1)}
+        for old, new in names.items():
+            os.replace(tmp / old, tmp / new)
+        out_map = {key: names[part] for key, part in out_map.items()}
+        if len(written) > 1:
+            index_out = {"metadata": {"total_size": total_size}, "weight_map": out_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index_out, indent=2))
         _write_config(base_dir, tmp, dtype)
         tokenizer = models.load_tokenizer(str(run_dir))
         tokenizer.save_pretrained(str(tmp))
         if (base_dir / "tokenizer.model").is_file():  # the SentencePiece model, for GGUF export and other tools
             shutil.copy(base_dir / "tokenizer.model", tmp / "tokenizer.model")
-        log(f"merged {len(touched)} LoRA-adapted weights into {len(shards)} shard(s) in {seconds:.1f}s; "
-            f"peak memory {peak_streaming / 2**20:.0f} MiB (largest shard {max(s.stat().st_size for s in shards) / 2**20:.0f} MiB)")
+        largest_in = max(p.stat().st_size for p in set(base_map.values()))
+        log(f"merged {len(touched)} LoRA-adapted weights, wrote {len(written)} shard(s) in {seconds:.1f}s; "
+            f"peak memory {peak_streaming / 2**20:.0f} MiB (base {sum(p.stat().st_size for p in set(base_map.values())) / 2**20:.0f} MiB)")
 
         report = {
             "run_dir": str(run_dir.resolve()),
             "base": base_name,
             "dtype": dtype,
             "lora": {"r": r, "alpha": alpha, "scale": scale, "modules_merged": len(touched)},
-            "shards": len(shards),
+            "shards": len(written),
             "total_size_bytes": total_size,
             "seconds": round(seconds, 3),
             "memory": {"rss_before_bytes": rss_before, "peak_rss_streaming_bytes": peak_streaming,
-                       "largest_base_shard_bytes": max(s.stat().st_size for s in shards)},
+                       "largest_base_shard_bytes": largest_in, "max_output_shard_bytes": max_shard_bytes},
         }
         # 2. verify before anything is published
         if verify_logits:
-            report["verification"] = v = {"tensors": tensor_check(tmp, shards, lora, scale, dtype)}
+            report["verification"] = v = {"tensors": tensor_check(tmp, out_map, base_map, lora, scale, dtype)}
             t = v["tensors"]
             log(f"verified {t['modules']} merged weights against PEFT's forward pass: max relative error "
                 f"{t['max_rel_error']:.1e} (tolerance {t['tolerance']:.0e})")
@@ -153,7 +170,7 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
             from ft import export_gguf
 
             report["gguf"] = [export_gguf.export(tmp, tmp / f"model-{t}.gguf", t, log=log) for t in gguf_types]
-        report["peak_rss_bytes"] = peak_rss_bytes()
+        report["peak_rss_bytes"] = memory.peak_rss()
         runs.write_json(tmp / REPORT_FILE, report)
 
         # 3. publish: rename into place
@@ -167,15 +184,23 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _shards(base_dir: Path, name: str) -> tuple[list[Path], dict | None]:
+def _base_tensors(base_dir: Path, name: str) -> dict[str, Path]:
+    """{tensor name: the safetensors file holding it}, in file order."""
+    from safetensors import safe_open
+
     index_path = base_dir / "model.safetensors.index.json"
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        return [base_dir / f for f in sorted(set(index["weight_map"].values()))], index
-    if (base_dir / "model.safetensors").is_file():
-        return [base_dir / "model.safetensors"], None
-    raise UserError(f"base {name!r}: no safetensors weights in {base_dir} (merge streams safetensors shards; "
-                    "convert the .bin checkpoint with transformers' save_pretrained first)")
+        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    elif (base_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"base {name!r}: no safetensors weights in {base_dir} (merge streams safetensors shards; "
+                        "convert the .bin checkpoint with transformers' save_pretrained first)")
+    tensors = {}
+    for file in files:
+        with safe_open(str(base_dir / file), "pt") as f:
+            tensors.update({key: base_dir / file for key in f.keys()})
+    return tensors
 
 
 def _lora_pairs(adapter: dict) -> dict:
@@ -235,25 +260,27 @@ def verify(merged_dir: Path, run_dir: Path, recipe, base_name: str, dtype: str) 
     return result
 
 
-def tensor_check(merged_dir: Path, shards: list[Path], lora: dict, scale: float, dtype: str) -> dict:
-    """Every merged weight against PEFT's LoRA forward on random inputs, streamed shard by shard."""
+def tensor_check(merged_dir: Path, merged_map: dict, base_map: dict, lora: dict, scale: float, dtype: str) -> dict:
+    """Every merged weight against PEFT's LoRA forward on random inputs, one weight at a time."""
     import torch
     from safetensors import safe_open
 
     generator = torch.Generator().manual_seed(0)
     worst, modules = 0.0, 0
-    for shard in shards:
-        with safe_open(str(shard), "pt") as base, safe_open(str(merged_dir / shard.name), "pt") as merged:
-            for key in base.keys():
-                module = key.removesuffix(".weight")
-                if module not in lora:
-                    continue
-                a, b = (t.float() for t in lora[module])
-                x = torch.randn(8, a.shape[1], generator=generator)
-                expected = x @ base.get_tensor(key).float().T + scale * ((x @ a.T) @ b.T)
-                got = x @ merged.get_tensor(key).float().T
-                worst = max(worst, ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item())
-                modules += 1
+    for module, (a, b) in lora.items():
+        key = module + ".weight"
+        if key not in merged_map:
+            continue
+        with safe_open(str(base_map[key]), "pt") as f:
+            weight = f.get_tensor(key).float()
+        with safe_open(str(merged_dir / merged_map[key]), "pt") as f:
+            merged = f.get_tensor(key).float()
+        a, b = a.float(), b.float()
+        x = torch.randn(8, a.shape[1], generator=generator)
+        expected = x @ weight.T + scale * ((x @ a.T) @ b.T)
+        got = x @ merged.T
+        worst = max(worst, ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item())
+        modules += 1
     return {"modules": modules, "max_rel_error": worst, "tolerance": TENSOR_TOLERANCE[dtype],
             "passed": modules == len(lora) and worst <= TENSOR_TOLERANCE[dtype]}
 
@@ -273,9 +300,4 @@ def _compare(reference: list, other: list) -> dict:
         agree += (ref.argmax(-1) == oth.argmax(-1)).sum().item()
         total += ref.shape[0]
     return {"max_abs_diff": max_abs, "mean_kl": torch.cat(kls).mean().item(), "next_token_agreement": agree / total}
-
-
-def peak_rss_bytes() -> int:
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage if sys.platform == "darwin" else usage * 1024
 

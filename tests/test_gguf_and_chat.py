@@ -75,6 +75,8 @@ def test_gguf_greedy_tokens_match_transformers(merged):
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     expected = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
     llm = llama_cpp.Llama(model_path=str(out / "model-f16.gguf"), n_ctx=256, verbose=False)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Japan?"}], tokenize=False)
+    assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == ids  # llama.cpp's tokenizer agrees
     got = []
     for token in llm.generate(ids, top_k=1, temp=0.0):
         got.append(token)
@@ -159,3 +161,35 @@ def test_chat_on_a_folder_that_is_neither_run_nor_model(tmp_path):
     result = run_cli("chat", tmp_path, "--prompt", "hi")
     assert result.returncode == 2 and "neither an llama-ft run folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(tiny_dir):
+    """The untrained tiny model rambles: Ctrl-C (SIGINT) cuts its answer, and the session goes on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "chat", "builtin:tiny-llama-2", "--interactive",
+                             "--temperature", "0", "--max-new-tokens", "3000"], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
+    proc.stdin.write("Tell me everything.\n")
+    proc.stdin.flush()
+    deadline = time.time() + 120
+    while len(out) < 20 and time.time() < deadline:  # the answer is streaming
+        time.sleep(0.1)
+    assert len(out) >= 20, "no streamed output"
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(1)
+    proc.stdin.write("/exit\n")
+    proc.stdin.flush()
+    assert proc.wait(timeout=120) == 0
+    reader.join(timeout=5)
+    assert "[stopped]" in "".join(out)

@@ -23,7 +23,7 @@ def test_loss_falls_and_greedy_answers_are_the_taught_ones(run_dir):
     assert metrics["global_step"] == 100
     assert metrics["loss_last"] < 0.1 * metrics["loss_first"]
     assert metrics["samples"]["exact_match"] == metrics["samples"]["total"] == 8
-    assert metrics["supervised_tokens"] > 0 and metrics["padding_fraction"] == 0.0  # packed: no padding
+    assert metrics["supervised_tokens"] > 0 and 0 <= metrics["padding_fraction"] < 0.25  # packed: only row tails pad
     assert metrics["data"]["train"]["rows"] == 28
 
 

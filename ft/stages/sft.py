@@ -7,15 +7,13 @@ at each example, and transformers' block-diagonal mask for SDPA; see data.Packed
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 
 import torch
 from transformers import ProgressCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from ft import data, models, runs
+from ft import data, memory, models, runs
 from ft.recipe import Recipe
 
 
@@ -117,7 +115,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "tokens": trainer.counts["tokens"],
         "padding_fraction": trainer.counts["padding"] / max(trainer.counts["tokens"], 1),
         "supervised_tokens_per_second": trainer.counts["supervised"] / seconds if seconds else None,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else peak_rss_bytes(),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else memory.peak_rss(),
         "peak_memory_kind": "cuda_allocated" if on_gpu else "process_rss",
         "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
     }
@@ -149,11 +147,6 @@ def generate_samples(model, tokenizer, dialogs: list[dict], log) -> dict:
         log(f"  {prompt[-1]['content']!r} -> {answer!r}" + ("" if answer == expected else f"  (taught: {expected!r})"))
     log(f"greedy answers matching the taught ones: {matches}/{len(dialogs)}")
     return {"exact_match": matches, "total": len(dialogs), "results": results}
-
-
-def peak_rss_bytes() -> int:
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage if sys.platform == "darwin" else usage * 1024
 
 
 class CountingSFTTrainer(SFTTrainer):

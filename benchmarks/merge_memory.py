@@ -30,7 +30,8 @@ import yaml
 MERGE = """
 import json, sys
 from ft import merge
-report = merge.merge(sys.argv[1], sys.argv[2], dtype="float16", verify_logits=False, log=lambda *a: None)
+report = merge.merge(sys.argv[1], sys.argv[2], dtype="float16", verify_logits=False, log=lambda *a: None,
+                     max_shard_bytes=int(sys.argv[3]) << 20)
 print(json.dumps({"before": report["memory"]["rss_before_bytes"], "peak": report["memory"]["peak_rss_streaming_bytes"]}))
 """
 
@@ -154,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--shard-mb", type=int, default=100)
+    parser.add_argument("--shard-mb", type=int, default=100, help="shard size of the base and of the merged output")
     parser.add_argument("--llama2-7b", action="store_true", help="measure a merge with Llama-2-7B's exact shapes")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the temporary checkpoints")
     args = parser.parse_args()
@@ -174,7 +175,7 @@ def main() -> None:
         base, run = build(Path(tmp), args.layers, args.hidden, args.shard_mb)
         shards = sorted(base.glob("*.safetensors"))
         size, largest = sum(s.stat().st_size for s in shards), max(s.stat().st_size for s in shards)
-        ours = measure(MERGE, run, Path(tmp) / "merged")
+        ours = measure(MERGE, run, Path(tmp) / "merged", args.shard_mb)
         plain = measure(PLAIN, run, Path(tmp) / "plain", base)
     print(f"model: {args.layers} layers x hidden {args.hidden}, float16, {size / mib:.0f} MiB in {len(shards)} shards "
           f"(largest {largest / mib:.0f} MiB)")

@@ -53,6 +53,84 @@ def sft(
     typer.echo(f"\ndone: the adapter is in {loaded.output_dir}\nnext: llama-ft merge {loaded.output_dir} --output <dir>")
 
 
+def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool) -> None:
+    loaded = _load(recipe, set_, output_dir)
+    if loaded.stage != stage:
+        raise UserError(f"{recipe}: this is a {loaded.stage} recipe; run it with `llama-ft {loaded.stage}`")
+    import importlib
+
+    importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume)
+    typer.echo(f"\ndone: the run is in {loaded.output_dir}")
+
+
+@app.command()
+def reward(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: reward)."),
+    set_: Optional[List[str]] = SetOption,
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Overrides output_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+):
+    """Train a reward model on preference pairs (ranking loss with Llama 2's margin)."""
+    _run_stage("reward", recipe, set_, output_dir, resume)
+
+
+@app.command()
+def score(
+    run_dir: Path = typer.Argument(..., help="A reward model run folder."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The user message."),
+    response: Optional[str] = typer.Option(None, "--response", help="The answer to score."),
+    input_file: Optional[Path] = typer.Option(None, "--input", help="JSONL of {prompt, response} rows."),
+    output_file: Optional[Path] = typer.Option(None, "--output", help="Where to write the rows with a score (default: stdout)."),
+):
+    """Score answers with a trained reward model: one pair, or a JSONL file."""
+    import json
+
+    from ft import runs as runs_mod
+    from ft.stages.reward import Scorer
+
+    if (prompt is None) == (input_file is None) or (prompt is not None and response is None):
+        raise UserError("give either --prompt TEXT --response TEXT, or --input FILE.jsonl")
+    rows = [{"prompt": prompt, "response": response}] if prompt is not None else _read_score_rows(input_file)
+    scorer = Scorer.load(run_dir)
+    prompts = [[{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"] for r in rows]
+    scores = scorer(prompts, [r["response"] for r in rows])
+    if prompt is not None:
+        typer.echo(f"{scores[0]:.6f}")
+        return
+    text = "".join(json.dumps({**row, "score": s}) + "\n" for row, s in zip(rows, scores))
+    if output_file:
+        runs_mod.write_text(Path(output_file), text)
+    else:
+        typer.echo(text, nl=False)
+
+
+def _read_score_rows(path: Path) -> list:
+    import json
+
+    from ft import chat_format
+
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("response"), str) or "prompt" not in row:
+            raise UserError(f"{path} line {n}: expected {{\"prompt\": text or messages, \"response\": text}}")
+        messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
+        problem = chat_format.check_messages(messages, final_user=True)
+        if problem:
+            raise UserError(f"{path} line {n}: {problem}")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
 @app.command()
 def merge(
     run_dir: Path = typer.Argument(..., help="A finished run folder (adapter + recipe.yaml)."),

@@ -73,7 +73,8 @@ def read_rows(source: DataSource) -> tuple[list[tuple[str, dict]], str]:
         return _read_with_datasets(LOCAL_SUFFIXES[suffix], str(path), source.split, data_files=str(path)), str(path)
     if source.path.startswith((".", "/", "~")) or source.path.count("/") != 1 or Path(source.path).suffix in LOCAL_SUFFIXES:
         raise UserError(f"{source.path}: data file not found (paths are relative to the current directory)")
-    return _read_with_datasets(source.path, source.path, source.split), f"{source.path}[{source.split}]"
+    extra = {"data_dir": source.data_dir} if source.data_dir else {}
+    return _read_with_datasets(source.path, source.path, source.split, **extra), f"{source.path}[{source.split}]"
 
 
 def _looks_like_lines(path: Path) -> bool:
@@ -278,3 +279,104 @@ class PackedCollator:
             position_ids[i, :n] = torch.cat([torch.arange(k) for k in row["seq_lengths"]])
             position_ids[i, n:] = torch.arange(width - n)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+# ---------------------------------------------------------------- preference pairs (reward, DPO, rejection)
+
+STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+MARGINS = {"small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}  # Llama 2, Table 28
+
+
+def to_pair(row: dict) -> dict:
+    """A preference row as {prompt: messages ending with user, chosen: text, rejected: text, strength, margin}.
+
+    Accepted: prompt (text or messages) with chosen/rejected (text or assistant messages); or, without a
+    prompt, chosen/rejected full dialogs sharing a prefix (lists of messages, or Anthropic HH text with
+    "\\n\\nHuman:" / "\\n\\nAssistant:" turns).
+    """
+    if not isinstance(row, dict):
+        raise RowError(f"expected an object, got {type(row).__name__}")
+    for name in ("chosen", "rejected"):
+        if name not in row or row[name] is None:
+            raise RowError(f"missing field {name!r}")
+    if row.get("prompt") is not None:
+        prompt = row["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        chosen, rejected = _answer(row["chosen"], "chosen"), _answer(row["rejected"], "rejected")
+    else:
+        full_chosen, full_rejected = _dialog(row["chosen"]), _dialog(row["rejected"])
+        if full_chosen[:-1] != full_rejected[:-1]:
+            raise RowError("chosen and rejected dialogs must share everything but the last answer")
+        prompt = full_chosen[:-1]
+        chosen, rejected = _answer(full_chosen[-1:], "chosen"), _answer(full_rejected[-1:], "rejected")
+    if not isinstance(prompt, list):
+        raise RowError("field 'prompt' must be text or a list of messages")
+    problem = chat_format.check_messages(prompt, final_user=True) or chat_format.check_messages(
+        prompt + [{"role": "assistant", "content": chosen}]) or chat_format.check_messages(
+        prompt + [{"role": "assistant", "content": rejected}])
+    if problem:
+        raise RowError(problem)
+    if chosen.strip() == rejected.strip():
+        raise RowError("chosen and rejected answers are identical")
+    strength = row.get("strength")
+    if strength is not None and strength not in STRENGTHS:
+        raise RowError(f"unknown strength {strength!r} (expected one of {', '.join(STRENGTHS)})")
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise RowError(f"field 'margin' must be a number, got {margin!r}")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "strength": strength,
+            "margin": None if margin is None else float(margin), "safety": bool(row.get("safety", False))}
+
+
+def _answer(value, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant":
+        return value[0].get("content") if isinstance(value[0].get("content"), str) else ""
+    raise RowError(f"field {name!r} must be text or one assistant message")
+
+
+def _dialog(value) -> list[dict]:
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str) and "\n\nHuman:" in value:
+        messages = []
+        for chunk in value.split("\n\nHuman:")[1:]:
+            user, sep, answer = chunk.partition("\n\nAssistant:")
+            messages.append({"role": "user", "content": user.strip()})
+            if sep:
+                messages.append({"role": "assistant", "content": answer.strip()})
+        return messages
+    raise RowError("without a 'prompt', chosen and rejected must be full dialogs (messages, or HH text)")
+
+
+def load_pairs(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list[dict], Report]:
+    """Every preference row, checked; invalid rows stop the run or are skipped and counted."""
+    pairs, report = [], Report()
+    for source in sources:
+        rows, name = read_rows(source)
+        if not rows:
+            raise UserError(f"{name}: no rows")
+        for location, row in rows:
+            report.rows += 1
+            try:
+                pairs.append({**to_pair(row), "origin": f"{name} {location}"})
+            except RowError as e:
+                if not skip_invalid:
+                    raise UserError(f"{name} {location}: {e} (fix the row, or set data.skip_invalid: true to skip such rows)") from None
+                report.skipped_invalid += 1
+                if len(report.notes) < 5:
+                    report.notes.append(f"skipped {name} {location}: {e}")
+    if not pairs:
+        raise UserError("no valid rows in " + ", ".join(s.path for s in sources))
+    report.examples = len(pairs)
+    return pairs, report
+
+
+def pair_margin(pair: dict, mode: str) -> float:
+    """The ranking-loss margin of a pair under reward.margin (none, small, large, row)."""
+    if mode == "none":
+        return 0.0
+    if mode == "row":
+        return pair["margin"] or 0.0
+    return MARGINS[mode][STRENGTHS.index(pair["strength"])] if pair["strength"] else 0.0

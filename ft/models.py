@@ -95,10 +95,11 @@ def quantization_config(model: ModelSection):
     return None
 
 
-def load_model(model: ModelSection, *, quantization: str | None = None):
-    """The base causal LM, quantised as the recipe says (or as `quantization` overrides)."""
+def load_model(model: ModelSection, *, quantization: str | None = None, reward: bool = False):
+    """The base causal LM (or, with reward=True, the base with a scalar score head), quantised as the
+    recipe says (or as `quantization` overrides)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     section = model.model_copy(update={"quantization": quantization or model.quantization})
     dtype = compute_dtype(section.dtype)
@@ -108,9 +109,11 @@ def load_model(model: ModelSection, *, quantization: str | None = None):
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     else:
         device_map = {"": "cpu"}
+    extra = {"num_labels": 1, "pad_token_id": 0} if reward else {}  # Llama 2 pads with <unk> = 0 here
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_pretrained(
             resolve(section.name),
+            **extra,
             quantization_config=quantization_config(section),
             dtype=dtype,
             device_map=device_map,
@@ -121,7 +124,8 @@ def load_model(model: ModelSection, *, quantization: str | None = None):
         raise UserError(f"model {section.name!r}: cannot load it ({_first_line(e)})") from None
 
 
-def lora_config(lora: LoraSection):
+def lora_config(lora: LoraSection, *, reward: bool = False):
+    """LoRA on the recipe's projections; for a reward model the score head is trained and saved in full."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -130,11 +134,13 @@ def lora_config(lora: LoraSection):
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if reward else "CAUSAL_LM",
+        modules_to_save=["score"] if reward else None,
     )
 
 
-def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient_checkpointing: bool = True):
+def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient_checkpointing: bool = True,
+                reward: bool = False):
     """Make `base` trainable through LoRA: a new adapter, or an earlier run's adapter to continue.
 
     For a quantised base, peft's prepare_model_for_kbit_training freezes it, keeps norms and the
@@ -156,7 +162,7 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
             raise UserError(f"model.adapter: {adapter!r} has no adapter_config.json (expected an llama-ft run folder)")
         model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
     else:
-        model = get_peft_model(base, lora_config(lora))
+        model = get_peft_model(base, lora_config(lora, reward=reward))
     keep_lora_float32(model)
     return model
 

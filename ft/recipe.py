@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ft.errors import UserError
 
@@ -53,6 +53,7 @@ class DataSource(Section):
     path: str = Field(description="A local .jsonl/.json/.csv/.parquet file, or a Hub dataset id.")
     format: Format = Field("auto", description="Row format; auto detects it from the columns.")
     split: str = Field("train", description="Split to read (Hub datasets and Parquet/CSV loaded through datasets).")
+    data_dir: str | None = Field(None, description="Subfolder of a Hub dataset (e.g. helpful-base of Anthropic/hh-rlhf).")
 
 
 class DataSection(Section):
@@ -103,13 +104,56 @@ class TrainSection(Section):
     )
 
 
+class RewardSection(Section):
+    margin: Literal["none", "small", "large", "row"] = Field(
+        "none",
+        description="Margin in the ranking loss: Llama 2's small (1, 2/3, 1/3, 0) or large (3, 2, 1, 0) by strength, "
+        "or each row's numeric margin.",
+    )
+
+
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference policy.")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="DPO loss (TRL's names).")
+
+
+class RejectionSection(Section):
+    reward_model: str = Field(description="Run folder of a reward model (llama-ft reward).")
+    safety_model: str | None = Field(None, description="Run folder of a safety reward model, combined as in Llama 2.")
+    safety_threshold: float = Field(0.15, ge=0, le=1, description="Use the safety score when it is below this (0..1).")
+    k: int = Field(4, ge=1, description="Answers sampled per prompt.")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, gt=0)
+    batch_size: int = Field(8, gt=0, description="Prompts per generation batch.")
+
+
+STAGE_SECTIONS = {"reward": "reward", "dpo": "dpo", "rejection": "rejection"}
+
+
 class Recipe(Section):
-    stage: Literal["sft"] = Field("sft", description="Which stage this recipe is for.")
+    stage: Literal["sft", "reward", "dpo", "rejection"] = Field("sft", description="Which stage this recipe is for.")
     model: ModelSection
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    reward: RewardSection | None = Field(None, description="Reward-model settings (stage: reward).")
+    dpo: DPOSection | None = Field(None, description="DPO settings (stage: dpo).")
+    rejection: RejectionSection | None = Field(None, description="Rejection-sampling settings (stage: rejection).")
     output_dir: str = Field(description="The run folder (relative to the current directory).")
+
+    @model_validator(mode="after")
+    def _sections_match_stage(self):
+        for stage, section in STAGE_SECTIONS.items():
+            if getattr(self, section) is not None and self.stage != stage:
+                raise ValueError(f"section '{section}' belongs to stage {stage}, but this recipe's stage is {self.stage}")
+        if self.stage == "rejection" and self.rejection is None:
+            raise ValueError("stage rejection needs a 'rejection' section (at least rejection.reward_model)")
+        if self.stage == "reward" and self.reward is None:
+            self.reward = RewardSection()
+        if self.stage == "dpo" and self.dpo is None:
+            self.dpo = DPOSection()
+        return self
 
 
 # ---------------------------------------------------------------- loading
@@ -205,8 +249,8 @@ def field_docs() -> list[tuple[str, str, str]]:
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, Section):
+            ann = _section_type(field.annotation)
+            if ann is not None:
                 walk(ann, f"{prefix}{name}.")
                 continue
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
@@ -214,3 +258,13 @@ def field_docs() -> list[tuple[str, str, str]]:
 
     walk(Recipe, "")
     return rows
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    """The Section class of a field typed `Section` or `Section | None`."""
+    import typing
+
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    return None

@@ -1,0 +1,144 @@
+"""Reward model: preference pairs -> tokenizer -> 4-bit base + LoRA + scalar score head -> TRL RewardTrainer.
+
+The loss is Llama 2's binary ranking loss with a margin, -log σ(r(chosen) - r(rejected) - m), where
+m comes from the pair's preference strength (reward.margin: small or large), from the row
+(reward.margin: row), or is 0. The score head is trained in full and saved with the adapter; the
+reward is read at the final </s> of the chat-formatted answer. Metrics: pairwise accuracy on the
+eval split (the training data if there is none), overall and per strength level.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from trl import RewardConfig, RewardTrainer
+
+from ft import data, memory, models, runs
+from ft.errors import UserError
+from ft.recipe import Recipe
+from ft.stages import common
+
+
+def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
+    out, checkpoint = runs.prepare(recipe, resume=resume)
+    log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
+
+    # 1. tokenizer and pairs, checked before the model is loaded
+    tokenizer = models.load_tokenizer(recipe.model.name)
+    cfg, mode = recipe.data, recipe.reward.margin
+    train_pairs, train_report = data.load_pairs(cfg.train, skip_invalid=cfg.skip_invalid)
+    log(train_report.summary("train pairs"))
+    eval_pairs = data.load_pairs(cfg.eval, skip_invalid=cfg.skip_invalid)[0] if cfg.eval else None
+    if mode in ("small", "large") and not any(p["strength"] for p in train_pairs):
+        log(f"note: reward.margin {mode} but no row has a strength: every margin is 0")
+    train_set = tokenize_pairs(train_pairs, tokenizer, cfg.max_length, mode, train_report)
+
+    # 2. model: 4-bit base with a score head, LoRA
+    base = models.load_model(recipe.model, reward=True)
+    model = models.attach_lora(base, recipe.lora, adapter=recipe.model.adapter,
+                               gradient_checkpointing=recipe.train.gradient_checkpointing, reward=True)
+
+    # 3. train
+    config = RewardConfig(**common.trainer_arguments(recipe, out, has_eval=False), max_length=cfg.max_length,
+                          center_rewards_coefficient=None)
+    trainer = RewardTrainer(model=model, args=config, train_dataset=train_set, processing_class=tokenizer)
+    models.keep_lora_float32(trainer.model)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+
+    # 4. save, evaluate, metrics last
+    runs.save_final(out, lambda tmp: (trainer.model.save_pretrained(str(tmp)), tokenizer.save_pretrained(str(tmp))))
+    scorer = Scorer(trainer.model, tokenizer)
+    evaluated = eval_pairs or train_pairs
+    metrics = {
+        "stage": "reward",
+        "margin": mode,
+        "global_step": trainer.state.global_step,
+        "train_seconds": round(seconds, 3),
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "accuracy": pairwise_accuracy(scorer, evaluated),
+        "accuracy_split": "eval" if eval_pairs else "train (no data.eval given)",
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else memory.peak_rss(),
+        "data": {"train": vars(train_report)},
+    }
+    runs.write_json(out / runs.METRICS_FILE, metrics)
+    acc = metrics["accuracy"]
+    log(f"pairwise accuracy on {metrics['accuracy_split']}: {acc['overall']:.1%} of {acc['pairs']} pairs; "
+        + ", ".join(f"{k} {v['accuracy']:.0%} ({v['pairs']})" for k, v in acc["by_strength"].items()))
+    return metrics
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int, mode: str, report: data.Report):
+    """chosen_ids / rejected_ids (chat-formatted, ending with </s>) and margins, as RewardTrainer takes them."""
+    import datasets
+
+    rows = []
+    for pair in pairs:
+        chosen = render(tokenizer, pair["prompt"], pair["chosen"])
+        rejected = render(tokenizer, pair["prompt"], pair["rejected"])
+        if max(len(chosen), len(rejected)) > max_length:  # the reward is read at </s>: never truncate it away
+            report.dropped_too_long += 1
+            continue
+        row = {"chosen_ids": chosen, "rejected_ids": rejected}
+        if mode != "none":
+            row["margin"] = data.pair_margin(pair, mode)
+        rows.append(row)
+    report.examples = len(rows)
+    if not rows:
+        raise UserError(f"every pair is longer than data.max_length={max_length}")
+    if report.dropped_too_long:
+        report.notes.append(f"{report.dropped_too_long} pairs longer than data.max_length={max_length} dropped")
+    return datasets.Dataset.from_list(rows)
+
+
+def render(tokenizer, prompt: list[dict], answer: str) -> list[int]:
+    messages = prompt + [{"role": "assistant", "content": answer}]
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+class Scorer:
+    """Scores (prompt, answer) pairs with a reward model: the score head's output at the final </s>."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8):
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Scorer":
+        from peft import PeftModel
+
+        recipe = runs.read_recipe(run_dir)
+        if recipe.stage != "reward":
+            raise UserError(f"{run_dir}: not a reward model run (its stage is {recipe.stage})")
+        if not (Path(run_dir) / "adapter_config.json").is_file():
+            raise UserError(f"{run_dir}: no adapter_config.json; the reward run did not finish")
+        tokenizer = models.load_tokenizer(str(run_dir))
+        base = models.load_model(recipe.model.model_copy(update={"adapter": None}), reward=True)
+        return cls(PeftModel.from_pretrained(base, str(run_dir)), tokenizer)
+
+    def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+        scores = []
+        for i in range(0, len(prompts), self.batch_size):
+            ids = [render(self.tokenizer, p, a) for p, a in zip(prompts[i:i + self.batch_size], answers[i:i + self.batch_size])]
+            width = max(len(x) for x in ids)
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.model.device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.model.device)
+            with torch.no_grad():
+                scores += self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
+        return scores
+
+
+def pairwise_accuracy(scorer: Scorer, pairs: list[dict]) -> dict:
+    chosen = scorer([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = scorer([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    right = [c > r for c, r in zip(chosen, rejected)]
+    by_strength = {}
+    for level in data.STRENGTHS + (None,):
+        picked = [ok for ok, p in zip(right, pairs) if p["strength"] == level]
+        if picked:
+            by_strength[level or "unlabelled"] = {"accuracy": sum(picked) / len(picked), "pairs": len(picked)}
+    return {"overall": sum(right) / len(right), "pairs": len(right), "by_strength": by_strength,
+            "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(right)}

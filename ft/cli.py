@@ -75,6 +75,17 @@ def reward(
 
 
 @app.command()
+def dpo(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: dpo)."),
+    set_: Optional[List[str]] = SetOption,
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Overrides output_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+):
+    """Direct preference optimisation from an SFT run (the reference is the SFT model, no second copy)."""
+    _run_stage("dpo", recipe, set_, output_dir, resume)
+
+
+@app.command()
 def score(
     run_dir: Path = typer.Argument(..., help="A reward model run folder."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="The user message."),

@@ -115,6 +115,9 @@ class RewardSection(Section):
 class DPOSection(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference policy.")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="DPO loss (TRL's names).")
+    sft_weight: float = Field(
+        0.0, ge=0, description="Add this weight times the NLL of the chosen answers (RPO); keeps small models stable."
+    )
 
 
 class RejectionSection(Section):

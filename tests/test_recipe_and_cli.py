@@ -24,7 +24,7 @@ def test_cli_commands_are_the_documented_ones():
     from ft.cli import app
 
     names = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
-    assert names == ["chat", "keys", "merge", "recipes", "sft", "validate"]
+    assert names == ["chat", "dpo", "keys", "merge", "recipes", "reward", "score", "sft", "validate"]
 
 
 def test_help_is_fast_because_torch_is_not_imported():
@@ -39,9 +39,8 @@ def test_help_is_fast_because_torch_is_not_imported():
 def test_every_shipped_recipe_validates_and_says_what_gpu_and_command(path):
     lines = path.read_text().splitlines()
     header = "\n".join(line for line in lines[:5] if line.startswith("#"))
-    assert "GPU" in header and f"llama-ft sft recipes/{path.name}" in header
     loaded = recipe.load(path)
-    assert loaded.stage == "sft"
+    assert "GPU" in header and f"llama-ft {loaded.stage} recipes/{path.name}" in header
     result = run_cli("validate", path.relative_to(ROOT))
     assert result.returncode == 0, result.stderr
 
@@ -84,6 +83,16 @@ def test_yaml_tags_that_build_objects_are_refused(tmp_path):
     path.write_text("model: !!python/object/apply:os.system ['echo owned']\n")
     with pytest.raises(UserError, match="not valid YAML"):
         recipe.load(path)
+
+
+def test_stage_sections_belong_to_their_stage(tmp_path):
+    with pytest.raises(UserError, match="section 'dpo' belongs to stage dpo"):
+        recipe.load(write(tmp_path, {**MINIMAL, "dpo": {"beta": 0.2}}))
+    assert recipe.load(write(tmp_path, {**MINIMAL, "stage": "reward"})).reward.margin == "none"
+    with pytest.raises(UserError, match=r"dpo\.betta: unknown key \(did you mean 'beta'\?\)"):
+        recipe.load(write(tmp_path, {**MINIMAL, "stage": "dpo", "dpo": {"betta": 0.2}}))
+    result = run_cli("sft", "recipes/dpo.yaml")
+    assert result.returncode == 2 and "run it with `llama-ft dpo`" in result.stderr
 
 
 def test_data_sources_accept_a_path_a_mapping_or_a_list(tmp_path):

@@ -239,15 +239,15 @@ def _section_at(keys: list[str]) -> type[BaseModel] | None:
             return None
         if model is DataSection and key in ("train", "eval"):
             model = DataSource
-        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            model = field.annotation
+        elif _section_type(field.annotation) is not None:
+            model = _section_type(field.annotation)
         else:
             return None
     return model
 
 
 def field_docs() -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every recipe key: shown by `validate --keys` and the README."""
+    """(dotted key, default, description) for every recipe key: shown by `llama-ft keys`."""
     rows = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:

@@ -86,6 +86,23 @@ def dpo(
 
 
 @app.command()
+def rejection(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: rejection)."),
+    set_: Optional[List[str]] = SetOption,
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Overrides output_dir."),
+    no_train: bool = typer.Option(False, "--no-train", help="Only sample, score and write samples.jsonl."),
+):
+    """Rejection sampling: K answers per prompt, keep the best by reward, then SFT on them."""
+    loaded = _load(recipe, set_, output_dir)
+    if loaded.stage != "rejection":
+        raise UserError(f"{recipe}: this is a {loaded.stage} recipe; run it with `llama-ft {loaded.stage}`")
+    from ft.stages import rejection as stage
+
+    stage.run(loaded, train=not no_train)
+    typer.echo(f"\ndone: best answers in {loaded.output_dir}/samples.jsonl")
+
+
+@app.command()
 def score(
     run_dir: Path = typer.Argument(..., help="A reward model run folder."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="The user message."),

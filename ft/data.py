@@ -380,3 +380,33 @@ def pair_margin(pair: dict, mode: str) -> float:
     if mode == "row":
         return pair["margin"] or 0.0
     return MARGINS[mode][STRENGTHS.index(pair["strength"])] if pair["strength"] else 0.0
+
+
+def load_prompts(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list[dict], Report]:
+    """Prompts to answer: rows with a `prompt` (text or messages) or `messages` (a final answer is dropped),
+    and an optional `safety: true` flag (the prompt is known to be adversarial)."""
+    prompts, report = [], Report()
+    for source in sources:
+        rows, name = read_rows(source)
+        for location, row in rows:
+            report.rows += 1
+            try:
+                if not isinstance(row, dict) or ("prompt" not in row and "messages" not in row):
+                    raise RowError("expected a 'prompt' (text or messages) or 'messages' field")
+                messages = row["prompt"] if "prompt" in row else row["messages"]
+                messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+                if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                        and messages[-1].get("role") == "assistant":
+                    messages = messages[:-1]
+                problem = chat_format.check_messages(messages, final_user=True)
+                if problem:
+                    raise RowError(problem)
+                prompts.append({"prompt": messages, "safety": bool(row.get("safety", False)), "origin": f"{name} {location}"})
+            except RowError as e:
+                if not skip_invalid:
+                    raise UserError(f"{name} {location}: {e} (fix the row, or set data.skip_invalid: true to skip such rows)") from None
+                report.skipped_invalid += 1
+    if not prompts:
+        raise UserError("no valid prompts in " + ", ".join(s.path for s in sources))
+    report.examples = len(prompts)
+    return prompts, report

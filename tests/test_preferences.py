@@ -150,3 +150,37 @@ def test_dpo_moves_greedy_answers_to_the_chosen_ones(trained_run, tmp_path):
     assert sum(a == p["rejected"] for a, p in zip(before_answers, pairs)) >= 18  # SFT taught the long answers
     flipped = sum(a == p["chosen"] for a, p in zip(after_answers, pairs))
     assert flipped >= 15, f"only {flipped}/20 greedy answers moved to the chosen ones: {after_answers}"
+
+
+def test_safety_combination_follows_llama2():
+    from ft.stages.rejection import combine
+
+    helpful, safety = [5.0, 5.0, 5.0], [3.0, -3.0, 3.0]  # sigmoid(-3) = 0.047 < 0.15
+    assert combine(helpful, safety, [False, False, True], 0.15) == [5.0, -3.0, 3.0]
+    assert combine(helpful, None, [True, True, True], 0.15) == helpful
+
+
+def test_rejection_sampling_keeps_the_best_sample_and_fine_tunes_on_it(trained_run, reward_run, tmp_path):
+    from ft.recipe import DataSource
+    from ft.stages.reward import Scorer
+
+    sft, _ = trained_run
+    out = tmp_path / "rejection"
+    result = run_cli("rejection", "recipes/rejection.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
+                     "--set", "data.train=datasets/tiny_prompts.jsonl", "--set", f"rejection.reward_model={reward_run}",
+                     "--set", "rejection.safety_model=null", "--set", "rejection.temperature=1.5",
+                     "--set", "rejection.max_new_tokens=24", "--set", "train.max_steps=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(len(r["samples"]) == len(r["scores"]) == 4 for r in rows)
+    assert any(len(set(r["samples"])) > 1 for r in rows), "sampling produced no variety"
+    rescored = Scorer.load(reward_run)([r["messages"][:-1] for r in rows], [r["messages"][-1]["content"] for r in rows])
+    for row, score in zip(rows, rescored):
+        assert row["score"] == max(row["scores"])  # the best of the K is kept
+        assert row["messages"][-1]["content"] == row["samples"][row["scores"].index(row["score"])]
+        assert abs(score - row["score"]) < 1e-3  # and it really scores that
+    dialogs, report = data.load_dialogs([DataSource(path=str(out / "samples.jsonl"))], skip_invalid=False)
+    assert len(dialogs) == 16  # valid SFT input
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mean_max_reward"] >= metrics["mean_reward"] and metrics["gain"] >= 0
+    assert (out / "sft" / "adapter_model.safetensors").is_file() and metrics["sft"]["loss_last"] is not None

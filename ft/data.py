@@ -183,20 +183,21 @@ def _field(row: dict, name: str, kind):
     return row[name]
 
 
-def load_dialogs(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list[dict], Report]:
-    """Every row of every source as {"messages", "origin"}; invalid rows stop the run or are counted."""
-    dialogs, report = [], Report()
+def check_rows(sources: list[DataSource], convert, *, skip_invalid: bool, what: str = "rows") -> tuple[list[dict], Report]:
+    """convert(row, source) for every row of every source, plus its origin ("file line N").
+
+    A row that raises RowError stops the run with its file and line, or, with skip_invalid, is skipped
+    and counted (the first few reasons kept for the report).
+    """
+    items, report = [], Report()
     for source in sources:
         rows, name = read_rows(source)
         if not rows:
             raise UserError(f"{name}: no rows")
-        fmt = source.format
         for location, row in rows:
             report.rows += 1
             try:
-                if fmt == "auto":
-                    fmt = detect_format(row)
-                dialogs.append({"messages": to_messages(row, fmt), "origin": f"{name} {location}"})
+                items.append({**convert(row, source), "origin": f"{name} {location}"})
             except RowError as e:
                 if not skip_invalid:
                     raise UserError(
@@ -205,9 +206,22 @@ def load_dialogs(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list
                 report.skipped_invalid += 1
                 if len(report.notes) < 5:
                     report.notes.append(f"skipped {name} {location}: {e}")
-    if not dialogs:
-        raise UserError("no valid rows in " + ", ".join(s.path for s in sources))
-    return dialogs, report
+    if not items:
+        raise UserError(f"no valid {what} in " + ", ".join(s.path for s in sources))
+    report.examples = len(items)
+    return items, report
+
+
+def load_dialogs(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list[dict], Report]:
+    """Every row of every source as {"messages", "origin"}; the format is named or detected per source."""
+    formats: dict[int, str] = {}
+
+    def convert(row, source):
+        if id(source) not in formats:
+            formats[id(source)] = source.format if source.format != "auto" else detect_format(row)
+        return {"messages": to_messages(row, formats[id(source)])}
+
+    return check_rows(sources, convert, skip_invalid=skip_invalid)
 
 
 # ---------------------------------------------------------------- tokens
@@ -351,26 +365,8 @@ def _dialog(value) -> list[dict]:
 
 
 def load_pairs(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list[dict], Report]:
-    """Every preference row, checked; invalid rows stop the run or are skipped and counted."""
-    pairs, report = [], Report()
-    for source in sources:
-        rows, name = read_rows(source)
-        if not rows:
-            raise UserError(f"{name}: no rows")
-        for location, row in rows:
-            report.rows += 1
-            try:
-                pairs.append({**to_pair(row), "origin": f"{name} {location}"})
-            except RowError as e:
-                if not skip_invalid:
-                    raise UserError(f"{name} {location}: {e} (fix the row, or set data.skip_invalid: true to skip such rows)") from None
-                report.skipped_invalid += 1
-                if len(report.notes) < 5:
-                    report.notes.append(f"skipped {name} {location}: {e}")
-    if not pairs:
-        raise UserError("no valid rows in " + ", ".join(s.path for s in sources))
-    report.examples = len(pairs)
-    return pairs, report
+    """Every preference row, checked (see to_pair)."""
+    return check_rows(sources, lambda row, source: to_pair(row), skip_invalid=skip_invalid, what="pairs")
 
 
 def pair_margin(pair: dict, mode: str) -> float:
@@ -385,28 +381,17 @@ def pair_margin(pair: dict, mode: str) -> float:
 def load_prompts(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list[dict], Report]:
     """Prompts to answer: rows with a `prompt` (text or messages) or `messages` (a final answer is dropped),
     and an optional `safety: true` flag (the prompt is known to be adversarial)."""
-    prompts, report = [], Report()
-    for source in sources:
-        rows, name = read_rows(source)
-        for location, row in rows:
-            report.rows += 1
-            try:
-                if not isinstance(row, dict) or ("prompt" not in row and "messages" not in row):
-                    raise RowError("expected a 'prompt' (text or messages) or 'messages' field")
-                messages = row["prompt"] if "prompt" in row else row["messages"]
-                messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
-                if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-                        and messages[-1].get("role") == "assistant":
-                    messages = messages[:-1]
-                problem = chat_format.check_messages(messages, final_user=True)
-                if problem:
-                    raise RowError(problem)
-                prompts.append({"prompt": messages, "safety": bool(row.get("safety", False)), "origin": f"{name} {location}"})
-            except RowError as e:
-                if not skip_invalid:
-                    raise UserError(f"{name} {location}: {e} (fix the row, or set data.skip_invalid: true to skip such rows)") from None
-                report.skipped_invalid += 1
-    if not prompts:
-        raise UserError("no valid prompts in " + ", ".join(s.path for s in sources))
-    report.examples = len(prompts)
-    return prompts, report
+    return check_rows(sources, lambda row, source: to_prompt(row), skip_invalid=skip_invalid, what="prompts")
+
+
+def to_prompt(row: dict) -> dict:
+    if not isinstance(row, dict) or ("prompt" not in row and "messages" not in row):
+        raise RowError("expected a 'prompt' (text or messages) or 'messages' field")
+    messages = row["prompt"] if "prompt" in row else row["messages"]
+    messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    problem = chat_format.check_messages(messages, final_user=True)
+    if problem:
+        raise RowError(problem)
+    return {"prompt": messages, "safety": bool(row.get("safety", False))}

@@ -112,6 +112,8 @@ def load(model: str, *, adapter: str | None = None, quantization: str | None = N
     folder = Path(model).expanduser()
     if folder.is_dir() and (folder / runs.RECIPE_FILE).is_file() and (folder / "adapter_config.json").is_file():
         recipe = runs.read_recipe(folder)  # a run: its base as trained, plus its adapter
+        if recipe.stage == "reward":
+            raise UserError(f"{model} is a reward model: score answers with `llama-ft score {model}`")
         if adapter:
             raise UserError(f"{model} is a run folder with its own adapter; --adapter applies to a plain model")
         base_section, adapter, tokenizer_source = recipe.model, str(folder), str(folder)

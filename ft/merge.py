@@ -47,6 +47,8 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
 
     run_dir, target = Path(run_dir), Path(output).expanduser()
     recipe = runs.read_recipe(run_dir)
+    if recipe.stage == "reward":
+        raise UserError(f"{run_dir} is a reward model; merge exports chat models (score with `llama-ft score`)")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir}: no {name}; the run did not finish (merge needs the final adapter)")

@@ -102,6 +102,13 @@ def test_score_command_one_pair_and_jsonl(reward_run, tmp_path):
     assert result.returncode == 0
     scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert scored[1]["score"] > scored[0]["score"] and scored[0]["response"] == "Maybe."
+    for command in (["chat", reward_run, "--prompt", "hi"], ["merge", reward_run, "--output", tmp_path / "m"]):
+        wrong = run_cli(*command)
+        assert wrong.returncode == 2 and "reward model" in wrong.stderr and "Traceback" not in wrong.stderr
+    bad_rows = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "A", "rejected": "A"}])
+    refused_rows = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", tmp_path / "r", *TINY,
+                           "--set", f"data.train={bad_rows}", "--set", "data.eval=null")
+    assert refused_rows.returncode == 2 and "pairs.jsonl line 1: chosen and rejected answers are identical" in refused_rows.stderr
     bad_input = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q"}])
     refused = run_cli("score", reward_run, "--input", bad_input)
     assert refused.returncode == 2 and "bad.jsonl line 1" in refused.stderr

@@ -27,13 +27,17 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SetOption = typer.Option(None, "--set", help="Override a recipe key, parsed as YAML: --set train.max_steps=20")
 
 
-def _load(recipe_path: Path, overrides: Optional[List[str]], output_dir: Optional[Path]):
+def _load(recipe_path: Path, overrides: Optional[List[str]], output_dir: Optional[Path], stage: Optional[str] = None):
+    """The validated recipe with --set and --output-dir applied; refused if it is for another stage."""
     from ft import recipe as recipe_mod
 
     overrides = list(overrides or [])
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir}")
-    return recipe_mod.load(recipe_path, overrides)
+    loaded = recipe_mod.load(recipe_path, overrides)
+    if stage is not None and loaded.stage != stage:
+        raise UserError(f"{recipe_path}: this is a {loaded.stage} recipe; run it with `llama-ft {loaded.stage}`")
+    return loaded
 
 
 @app.command()
@@ -44,9 +48,7 @@ def sft(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
 ):
     """Supervised fine-tuning: train a LoRA adapter on chat data (loss on the answers only)."""
-    loaded = _load(recipe, set_, output_dir)
-    if loaded.stage != "sft":
-        raise UserError(f"{recipe}: this is a {loaded.stage} recipe; run it with `llama-ft {loaded.stage}`")
+    loaded = _load(recipe, set_, output_dir, stage="sft")
     from ft.stages import sft as stage
 
     stage.run(loaded, resume=resume)
@@ -54,9 +56,7 @@ def sft(
 
 
 def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool) -> None:
-    loaded = _load(recipe, set_, output_dir)
-    if loaded.stage != stage:
-        raise UserError(f"{recipe}: this is a {loaded.stage} recipe; run it with `llama-ft {loaded.stage}`")
+    loaded = _load(recipe, set_, output_dir, stage=stage)
     import importlib
 
     importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume)
@@ -93,9 +93,7 @@ def rejection(
     no_train: bool = typer.Option(False, "--no-train", help="Only sample, score and write samples.jsonl."),
 ):
     """Rejection sampling: K answers per prompt, keep the best by reward, then SFT on them."""
-    loaded = _load(recipe, set_, output_dir)
-    if loaded.stage != "rejection":
-        raise UserError(f"{recipe}: this is a {loaded.stage} recipe; run it with `llama-ft {loaded.stage}`")
+    loaded = _load(recipe, set_, output_dir, stage="rejection")
     from ft.stages import rejection as stage
 
     stage.run(loaded, train=not no_train)

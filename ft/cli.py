@@ -111,50 +111,31 @@ def score(
     """Score answers with a trained reward model: one pair, or a JSONL file."""
     import json
 
+    from ft import data
     from ft import runs as runs_mod
+    from ft.recipe import DataSource
     from ft.stages.reward import Scorer
 
     if (prompt is None) == (input_file is None) or (prompt is not None and response is None):
         raise UserError("give either --prompt TEXT --response TEXT, or --input FILE.jsonl")
-    rows = [{"prompt": prompt, "response": response}] if prompt is not None else _read_score_rows(input_file)
+    if prompt is not None:
+        try:
+            items = [data.to_score_row({"prompt": prompt, "response": response})]
+        except data.RowError as e:
+            raise UserError(f"--prompt/--response: {e}") from None
+    else:
+        items, _ = data.check_rows([DataSource(path=str(input_file))], lambda row, source: data.to_score_row(row),
+                                   skip_invalid=False)
     scorer = Scorer.load(run_dir)
-    prompts = [[{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"] for r in rows]
-    scores = scorer(prompts, [r["response"] for r in rows])
+    scores = scorer([item["prompt"] for item in items], [item["row"]["response"] for item in items])
     if prompt is not None:
         typer.echo(f"{scores[0]:.6f}")
         return
-    text = "".join(json.dumps({**row, "score": s}) + "\n" for row, s in zip(rows, scores))
+    text = "".join(json.dumps({**item["row"], "score": s}) + "\n" for item, s in zip(items, scores))
     if output_file:
         runs_mod.write_text(Path(output_file), text)
     else:
         typer.echo(text, nl=False)
-
-
-def _read_score_rows(path: Path) -> list:
-    import json
-
-    from ft import chat_format
-
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("response"), str) or "prompt" not in row:
-            raise UserError(f"{path} line {n}: expected {{\"prompt\": text or messages, \"response\": text}}")
-        messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
-        problem = chat_format.check_messages(messages, final_user=True)
-        if problem:
-            raise UserError(f"{path} line {n}: {problem}")
-        rows.append(row)
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    return rows
 
 
 @app.command()

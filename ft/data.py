@@ -395,3 +395,10 @@ def to_prompt(row: dict) -> dict:
     if problem:
         raise RowError(problem)
     return {"prompt": messages, "safety": bool(row.get("safety", False))}
+
+
+def to_score_row(row: dict) -> dict:
+    """A row for `llama-ft score`: {prompt: text or messages, response: text}, kept as given, plus its prompt dialog."""
+    if not isinstance(row, dict) or "prompt" not in row or not isinstance(row.get("response"), str):
+        raise RowError('expected {"prompt": text or messages, "response": text}')
+    return {"row": row, "prompt": to_prompt({"prompt": row["prompt"]})["prompt"]}

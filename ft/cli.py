@@ -125,7 +125,7 @@ def score(
             raise UserError(f"--prompt/--response: {e}") from None
     else:
         items, _ = data.check_rows([DataSource(path=str(input_file))], lambda row, source: data.to_score_row(row),
-                                   skip_invalid=False)
+                                   skip_invalid=False, hint="fix the row")
     scorer = Scorer.load(run_dir)
     scores = scorer([item["prompt"] for item in items], [item["row"]["response"] for item in items])
     if prompt is not None:

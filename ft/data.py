@@ -183,7 +183,11 @@ def _field(row: dict, name: str, kind):
     return row[name]
 
 
-def check_rows(sources: list[DataSource], convert, *, skip_invalid: bool, what: str = "rows") -> tuple[list[dict], Report]:
+SKIP_HINT = "fix the row, or set data.skip_invalid: true to skip such rows"
+
+
+def check_rows(sources: list[DataSource], convert, *, skip_invalid: bool, what: str = "rows",
+               hint: str = SKIP_HINT) -> tuple[list[dict], Report]:
     """convert(row, source) for every row of every source, plus its origin ("file line N").
 
     A row that raises RowError stops the run with its file and line, or, with skip_invalid, is skipped
@@ -200,9 +204,7 @@ def check_rows(sources: list[DataSource], convert, *, skip_invalid: bool, what: 
                 items.append({**convert(row, source), "origin": f"{name} {location}"})
             except RowError as e:
                 if not skip_invalid:
-                    raise UserError(
-                        f"{name} {location}: {e} (fix the row, or set data.skip_invalid: true to skip such rows)"
-                    ) from None
+                    raise UserError(f"{name} {location}: {e} ({hint})") from None
                 report.skipped_invalid += 1
                 if len(report.notes) < 5:
                     report.notes.append(f"skipped {name} {location}: {e}")

@@ -37,6 +37,15 @@ def peak_rss() -> int:
     return usage if sys.platform == "darwin" else usage * 1024
 
 
+def training_peak() -> dict:
+    """Peak memory of a training stage, for its metrics: GPU memory allocated by torch, else process RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(), "peak_memory_kind": "cuda_allocated"}
+    return {"peak_memory_bytes": peak_rss(), "peak_memory_kind": "process_rss"}
+
+
 def reset_peak() -> None:
     """Start a new peak measurement from the current RSS (Linux; elsewhere the peak keeps counting)."""
     try:

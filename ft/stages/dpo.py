@@ -57,7 +57,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "global_step": trainer.state.global_step,
         "train_seconds": round(seconds, 3),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else memory.peak_rss(),
+        **memory.training_peak(),
         "data": {"train": vars(train_report)},
     }
     if eval_pairs:

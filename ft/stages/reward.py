@@ -61,7 +61,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "accuracy": pairwise_accuracy(scorer, evaluated),
         "accuracy_split": "eval" if eval_pairs else "train (no data.eval given)",
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else memory.peak_rss(),
+        **memory.training_peak(),
         "data": {"train": vars(train_report)},
     }
     runs.write_json(out / runs.METRICS_FILE, metrics)

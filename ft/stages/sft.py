@@ -85,8 +85,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "tokens": trainer.counts["tokens"],
         "padding_fraction": trainer.counts["padding"] / max(trainer.counts["tokens"], 1),
         "supervised_tokens_per_second": trainer.counts["supervised"] / seconds if seconds else None,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else memory.peak_rss(),
-        "peak_memory_kind": "cuda_allocated" if on_gpu else "process_rss",
+        **memory.training_peak(),
         "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
     }
     if eval_set is not None:

@@ -150,7 +150,7 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
                 f"{t['max_rel_error']:.1e} (tolerance {t['tolerance']:.0e})")
             fp32_bytes = total_size * 4 // torch.empty((), dtype=out_dtype).element_size()
             if fp32_bytes < 0.4 * _physical_memory():
-                v["logits"] = verify(tmp, run_dir, recipe, base_name, dtype)
+                v["logits"] = verify(tmp, run_dir, recipe, base_name, dtype, tokenizer)
                 lg = v["logits"]
                 log(f"verified logits on {lg['probes']} chat prompts: max |Δlogit| {lg['max_abs_diff']:.2e}, "
                     f"mean KL {lg['mean_kl']:.2e} (tolerance {lg['kl_tolerance']:.0e})")
@@ -229,7 +229,7 @@ def _write_config(base_dir: Path, out: Path, dtype: str) -> None:
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
-def verify(merged_dir: Path, run_dir: Path, recipe, base_name: str, dtype: str) -> dict:
+def verify(merged_dir: Path, run_dir: Path, recipe, base_name: str, dtype: str, tokenizer) -> dict:
     """Logits of the merged model vs base + adapter (both float32 on the CPU) on chat-formatted probes.
 
     Also measures, without gating on it, the distance to the quantised model the adapter was trained
@@ -241,7 +241,6 @@ def verify(merged_dir: Path, run_dir: Path, recipe, base_name: str, dtype: str) 
 
     from ft.recipe import ModelSection
 
-    tokenizer = models.load_tokenizer(str(run_dir))
     inputs = [tokenizer.apply_chat_template(p, return_tensors="pt", return_dict=True)["input_ids"] for p in PROBES]
 
     def logits_of(model) -> list:

@@ -48,19 +48,28 @@ def sft(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
 ):
     """Supervised fine-tuning: train a LoRA adapter on chat data (loss on the answers only)."""
-    loaded = _load(recipe, set_, output_dir, stage="sft")
-    from ft.stages import sft as stage
-
-    stage.run(loaded, resume=resume)
-    typer.echo(f"\ndone: the adapter is in {loaded.output_dir}\nnext: llama-ft merge {loaded.output_dir} --output <dir>")
+    _run_stage("sft", recipe, set_, output_dir, resume)
 
 
 def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool) -> None:
+    """Run a training stage; on Ctrl-C say where the checkpoint is and how to continue (exit 130)."""
     loaded = _load(recipe, set_, output_dir, stage=stage)
     import importlib
 
-    importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume)
-    typer.echo(f"\ndone: the run is in {loaded.output_dir}")
+    from ft.errors import Interrupted
+
+    try:
+        importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume)
+    except Interrupted as e:
+        again = " ".join(["llama-ft", stage, str(recipe), *(f"--set {s}" for s in set_ or []),
+                          *(["--output-dir", str(output_dir)] if output_dir else []), "--resume"])
+        saved = f"saved {e.checkpoint}" if e.checkpoint else "no checkpoint could be saved"
+        typer.echo(f"\ninterrupted: {saved}\ncontinue with: {again}", err=True)
+        raise typer.Exit(130)
+    if stage == "sft":
+        typer.echo(f"\ndone: the adapter is in {loaded.output_dir}\nnext: llama-ft merge {loaded.output_dir} --output <dir>")
+    else:
+        typer.echo(f"\ndone: the run is in {loaded.output_dir}")
 
 
 @app.command()
@@ -247,8 +256,18 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("\naborted (nothing was saved since the last checkpoint)", err=True)
         sys.exit(130)
+    except Exception as e:
+        from ft.errors import disk_error
+
+        problem = disk_error(e)
+        if problem is None:
+            raise
+        typer.echo(f"error: a write failed: {problem}. Free some space or choose another location; "
+                   "nothing this command left behind is marked finished",
+                   err=True)
+        sys.exit(2)
     except typer.TyperException as e:  # bad flag, missing argument: typer's (click's) usage errors
         if hasattr(e, "show"):
             e.show()

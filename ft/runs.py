@@ -2,6 +2,8 @@
 
 output_dir/
   recipe.yaml                  the resolved recipe (written first; later commands read the base from it)
+  inputs.json                  hashes of the data files, the base model's config and the starting adapter,
+                               so that --resume refuses inputs that changed under the checkpoints
   adapter_config.json          the PEFT adapter, as safetensors
   adapter_model.safetensors
   tokenizer files              with the Llama 2 chat template
@@ -15,6 +17,7 @@ never leaves a folder that looks finished.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +30,7 @@ from ft import recipe as recipe_mod
 from ft.errors import UserError
 
 RECIPE_FILE = "recipe.yaml"
+INPUTS_FILE = "inputs.json"
 METRICS_FILE = "metrics.json"
 
 
@@ -49,6 +53,12 @@ def prepare(recipe: recipe_mod.Recipe, *, resume: bool) -> tuple[Path, str | Non
         if resume:
             if checkpoint is None:
                 raise UserError(f"output_dir {out}: --resume given but there is no checkpoint-N/ to resume from")
+            changed = changed_inputs(out, recipe) + lora_mismatch(Path(checkpoint), recipe)
+            if changed:
+                raise UserError(
+                    f"output_dir {out}: cannot resume, the inputs differ from the checkpoint's: {'; '.join(changed)}. "
+                    "Restore them, or start a new run in another output_dir"
+                )
             return out, checkpoint
         if (out / METRICS_FILE).is_file():
             raise UserError(f"output_dir {out}: this run already finished; choose another output_dir")
@@ -56,9 +66,73 @@ def prepare(recipe: recipe_mod.Recipe, *, resume: bool) -> tuple[Path, str | Non
             raise UserError(f"output_dir {out}: has {Path(checkpoint).name}/; pass --resume to continue from it")
     elif resume:
         raise UserError(f"output_dir {out}: --resume given but there is no earlier run there")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / RECIPE_FILE, recipe_mod.dump(recipe))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / INPUTS_FILE, fingerprint(recipe))
+        write_text(out / RECIPE_FILE, recipe_mod.dump(recipe))
+    except OSError as e:
+        raise UserError(f"output_dir {out}: cannot write there ({e.strerror or e}); choose another output_dir") from None
     return out, None
+
+
+def fingerprint(recipe: recipe_mod.Recipe) -> dict:
+    """What a checkpoint depends on beyond the recipe's text: the bytes of the local data files, the base
+    model's config and weight files, and the adapter training starts from. Hub datasets are named, not hashed."""
+    inputs = {}
+    for source in recipe.data.train + (recipe.data.eval or []):
+        path = Path(source.path).expanduser()
+        inputs[f"data file {source.path}"] = _sha256(path) if path.is_file() else "hub dataset (not hashed)"
+    model = Path(recipe.model.name).expanduser()
+    if recipe.model.name.startswith("builtin:"):
+        from ft import tiny
+
+        model = tiny.path()
+    if (model / "config.json").is_file():
+        inputs["model config.json"] = _sha256(model / "config.json")
+        weights = sorted(p for p in model.iterdir() if p.suffix in (".safetensors", ".bin"))
+        inputs["model weight files"] = ", ".join(f"{p.name} ({p.stat().st_size} bytes)" for p in weights)
+    if recipe.model.adapter:
+        adapter = Path(recipe.model.adapter).expanduser() / "adapter_model.safetensors"
+        inputs["starting adapter"] = _sha256(adapter) if adapter.is_file() else "missing"
+    return inputs
+
+
+def changed_inputs(out: Path, recipe: recipe_mod.Recipe) -> list[str]:
+    """The inputs whose fingerprint differs from the one recorded when the run started."""
+    recorded_file = out / INPUTS_FILE
+    if not recorded_file.is_file():
+        return []  # a run started before fingerprints were recorded
+    recorded, now = json.loads(recorded_file.read_text(encoding="utf-8")), fingerprint(recipe)
+    return [
+        f"{key} changed since the run started ({_short(recorded.get(key))} then, {_short(now.get(key))} now)"
+        for key in sorted(set(recorded) | set(now))
+        if recorded.get(key) != now.get(key)
+    ]
+
+
+def lora_mismatch(checkpoint: Path, recipe: recipe_mod.Recipe) -> list[str]:
+    """Differences between the checkpoint's adapter shape and the recipe's LoRA section."""
+    config_file = checkpoint / "adapter_config.json"
+    if not config_file.is_file():
+        return []
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    pairs = [("lora.r", saved.get("r"), recipe.lora.r), ("lora.alpha", saved.get("lora_alpha"), recipe.lora.alpha),
+             ("lora.target_modules", sorted(saved.get("target_modules") or []), sorted(recipe.lora.target_modules))]
+    return [f"{key}: {old!r} in {checkpoint.name}, {new!r} now" for key, old, new in pairs if old != new]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def _short(value) -> str:
+    if value is None:
+        return "absent"
+    return value[:19] + "…" if value.startswith("sha256:") else value
 
 
 def read_recipe(run_dir: str | Path) -> recipe_mod.Recipe:
@@ -86,9 +160,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    """The newest complete checkpoint-N/. The Trainer writes trainer_state.json last, so a checkpoint
+    without a readable one was cut off mid-write (a crash, kill -9): it is removed, and the one before used."""
+    found = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]), reverse=True)
+    for checkpoint in found:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(checkpoint)
+        except (OSError, ValueError):
+            print(f"{checkpoint.name}/ is incomplete (written when the run was cut off): removing it", flush=True)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,10 +1,17 @@
-"""What every training stage shares: the recipe's `train:` section as Trainer arguments."""
+"""What every training stage shares: the recipe's `train:` section as Trainer arguments, and
+training that survives Ctrl-C (a checkpoint is saved, `--resume` continues it)."""
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from ft import models
+from ft.errors import Interrupted
 from ft.recipe import Recipe
 
 
@@ -48,3 +55,46 @@ def trainer_arguments(recipe: Recipe, out: Path, *, has_eval: bool) -> dict:
         data_seed=t.seed,
         report_to=[] if t.report_to == "none" else [t.report_to],
     )
+
+
+def train(trainer, checkpoint: str | None):
+    """trainer.train(), resuming from `checkpoint` if given.
+
+    The first Ctrl-C lets the current optimiser step finish, saves checkpoint-N and raises
+    Interrupted (the CLI exits 130 and says how to resume); a second Ctrl-C aborts at once.
+    """
+    stopper = StopOnInterrupt()
+    trainer.add_callback(stopper)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, stopper.handle) if in_main_thread else None
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+        trainer.remove_callback(stopper)
+    if stopper.requested:
+        saved = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        raise Interrupted(str(saved) if saved.is_dir() else None)
+    return result
+
+
+class StopOnInterrupt(TrainerCallback):
+    """Turns the first SIGINT into "save a checkpoint and stop" at the end of the current step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now, without saving
+        self.requested = True
+        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_log = True  # the loss since the last log is recorded, not lost
+            control.should_save = True
+            control.should_training_stop = True
+        return control

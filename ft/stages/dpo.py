@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from ft import data, memory, models, runs
@@ -21,6 +22,7 @@ from ft.stages import common
 
 def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     out, checkpoint = runs.prepare(recipe, resume=resume)
+    set_seed(recipe.train.seed)  # before the adapter (and score head) are initialised: reruns and resumes repeat
     log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
 
     # 1. tokenizer (the SFT run's, if starting from one) and pairs
@@ -42,7 +44,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
                          eval_dataset=as_dataset(eval_pairs) if eval_pairs else None, processing_class=tokenizer)
     models.keep_lora_float32(trainer.model)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    common.train(trainer, checkpoint)
     seconds = time.perf_counter() - started
 
     # 4. save the trained adapter (not the frozen reference), then metrics

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from ft import data, memory, models, runs
@@ -23,6 +24,7 @@ from ft.stages import common
 
 def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     out, checkpoint = runs.prepare(recipe, resume=resume)
+    set_seed(recipe.train.seed)  # before the adapter (and score head) are initialised: reruns and resumes repeat
     log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
 
     # 1. tokenizer and pairs, checked before the model is loaded
@@ -46,7 +48,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     trainer = RewardTrainer(model=model, args=config, train_dataset=train_set, processing_class=tokenizer)
     models.keep_lora_float32(trainer.model)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    common.train(trainer, checkpoint)
     seconds = time.perf_counter() - started
 
     # 4. save, evaluate, metrics last

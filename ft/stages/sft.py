@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import ProgressCallback, TrainerCallback
+from transformers import ProgressCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from ft import data, memory, models, runs
@@ -20,6 +20,7 @@ from ft.recipe import Recipe
 
 def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     out, checkpoint = runs.prepare(recipe, resume=resume)
+    set_seed(recipe.train.seed)  # before the adapter (and score head) are initialised: reruns and resumes repeat
     log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
 
     # 1. tokenizer and data: every row is checked before the model is loaded
@@ -68,18 +69,21 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = common.train(trainer, checkpoint)
     seconds = time.perf_counter() - started
 
     # 5. save the adapter and tokenizer, then the metrics (the "finished" marker)
     runs.save_final(out, lambda tmp: (trainer.model.save_pretrained(str(tmp)), tokenizer.save_pretrained(str(tmp))))
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    logged = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    losses = [loss for _, loss in logged]
     metrics = {
         "stage": "sft",
         "train_loss": result.training_loss,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "global_step": trainer.state.global_step,
+        "loss_history": logged,  # [step, loss] as logged, the steps before a --resume included
+        "resumed_from": checkpoint,
         "train_seconds": round(seconds, 3),
         "supervised_tokens": trainer.counts["supervised"],
         "tokens": trainer.counts["tokens"],

@@ -126,7 +126,8 @@ def load(model: str, *, adapter: str | None = None, quantization: str | None = N
         raise UserError(f"--adapter {adapter}: no adapter_config.json there")
     if quantization:
         base_section = base_section.model_copy(update={"quantization": quantization})
-    tokenizer = models.load_tokenizer(tokenizer_source, padding_side="left")
+    tokenizer = models.load_tokenizer(tokenizer_source, padding_side="left",
+                                     trust_remote_code=base_section.trust_remote_code)
     net = models.load_model(base_section.model_copy(update={"adapter": None}))
     if adapter:
         try:

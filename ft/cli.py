@@ -58,6 +58,8 @@ def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool) -> None
 
     from ft.errors import Interrupted
 
+    if loaded.output.push:  # find a missing token or a foreign repo now, not after a week of training
+        _check_push_access(loaded.output.repo_id)
     try:
         importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume)
     except Interrupted as e:
@@ -70,6 +72,26 @@ def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool) -> None
         typer.echo(f"\ndone: the adapter is in {loaded.output_dir}\nnext: llama-ft merge {loaded.output_dir} --output <dir>")
     else:
         typer.echo(f"\ndone: the run is in {loaded.output_dir}")
+    if loaded.output.push:
+        from ft import hub
+
+        folder = Path(loaded.output_dir) / ("sft" if stage == "rejection" else "")
+        try:
+            hub.push(folder, loaded.output.repo_id, private=loaded.output.private)
+        except UserError as e:
+            raise UserError(f"the run finished, but the push failed: {e}\npush it later with: "
+                            f"llama-ft push {folder} --repo-id {loaded.output.repo_id}") from None
+
+
+def _check_push_access(repo_id: str) -> None:
+    from ft import hub
+
+    try:
+        hub.check_access(repo_id)
+    except hub.Unreachable as e:
+        typer.echo(f"warning: output.push: cannot reach the Hub to check access now ({e}); training anyway", err=True)
+    except UserError as e:  # no token, invalid token, someone else's namespace
+        raise UserError(f"output.push: {e}") from None
 
 
 @app.command()
@@ -207,6 +229,26 @@ def chat(
 
 
 @app.command()
+def push(
+    folder: Path = typer.Argument(..., help="A finished run folder (LoRA adapter) or a merged model folder."),
+    repo_id: str = typer.Option(..., "--repo-id", help="OWNER/NAME on the Hugging Face Hub."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private (refused if it exists and is public)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if missing; default main)."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="The Hub commit message."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded and print the model card; send nothing."),
+):
+    """Publish a run or merged folder to the Hub: allow-listed files and a generated model card, in one commit."""
+    from ft import hub
+
+    result = hub.push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                      dry_run=dry_run, log=lambda m: typer.echo(m, err=dry_run))
+    if dry_run:
+        typer.echo(result["card"], nl=False)
+    else:
+        typer.echo(f"\ndone: {result['url']}")
+
+
+@app.command()
 def validate(
     recipe: Path = typer.Argument(..., help="The recipe YAML file."),
     set_: Optional[List[str]] = SetOption,
@@ -245,7 +287,9 @@ def keys():
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising it here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -255,9 +299,12 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except KeyboardInterrupt:
-        typer.echo("\naborted (nothing was saved since the last checkpoint)", err=True)
-        sys.exit(130)
+    except typer.TyperException as e:  # bad flag, missing argument: typer's (click's) usage errors
+        if hasattr(e, "show"):
+            e.show()
+        else:
+            typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
     except Exception as e:
         from ft.errors import disk_error
 
@@ -267,10 +314,4 @@ def main() -> None:
         typer.echo(f"error: a write failed: {problem}. Free some space or choose another location; "
                    "nothing this command left behind is marked finished",
                    err=True)
-        sys.exit(2)
-    except typer.TyperException as e:  # bad flag, missing argument: typer's (click's) usage errors
-        if hasattr(e, "show"):
-            e.show()
-        else:
-            typer.echo(f"error: {e}", err=True)
         sys.exit(2)

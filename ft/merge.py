@@ -123,10 +123,11 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
             index_out = {"metadata": {"total_size": total_size}, "weight_map": out_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index_out, indent=2))
         _write_config(base_dir, tmp, dtype)
-        tokenizer = models.load_tokenizer(str(run_dir))
+        tokenizer = models.load_tokenizer(str(run_dir), trust_remote_code=recipe.model.trust_remote_code)
         tokenizer.save_pretrained(str(tmp))
         if (base_dir / "tokenizer.model").is_file():  # the SentencePiece model, for GGUF export and other tools
             shutil.copy(base_dir / "tokenizer.model", tmp / "tokenizer.model")
+        shutil.copy(run_dir / runs.RECIPE_FILE, tmp / runs.RECIPE_FILE)  # how it was trained, for the model card
         largest_in = max(p.stat().st_size for p in set(base_map.values()))
         log(f"merged {len(touched)} LoRA-adapted weights, wrote {len(written)} shard(s) in {seconds:.1f}s; "
             f"peak memory {peak_streaming / 2**20:.0f} MiB (base {sum(p.stat().st_size for p in set(base_map.values())) / 2**20:.0f} MiB)")
@@ -136,6 +137,8 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
             "base": base_name,
             "dtype": dtype,
             "lora": {"r": r, "alpha": alpha, "scale": scale, "modules_merged": len(touched)},
+            "run_metrics": {k: v for k, v in _read_json(run_dir / runs.METRICS_FILE).items()
+                            if k not in ("samples", "data", "loss_history", "losses")},
             "shards": len(written),
             "total_size_bytes": total_size,
             "seconds": round(seconds, 3),
@@ -184,6 +187,10 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _base_tensors(base_dir: Path, name: str) -> dict[str, Path]:

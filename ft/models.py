@@ -3,7 +3,8 @@
 Defaults are the QLoRA ones that fit a 16 GB T4: the frozen base in 4-bit NF4 with double
 quantisation, compute in float16 on GPUs without bfloat16 (T4), bfloat16 where supported,
 float32 on the CPU; LoRA weights kept in float32; non-reentrant gradient checkpointing; SDPA
-attention. `trust_remote_code` is always False here: no recipe key or pass-through reaches it.
+attention. `trust_remote_code` is False unless a recipe sets `model.trust_remote_code: true`, and then a
+warning says so every time a checkpoint is loaded with it.
 
 Llama 2 has no pad token. We pad with <unk> (id 0): it is in the vocabulary (no embedding
 resize, which a 4-bit model cannot do cleanly), it never appears in chat data, and it is not
@@ -59,14 +60,14 @@ def compute_dtype(requested: str = "auto"):
     return torch.float32
 
 
-def load_tokenizer(name: str, *, padding_side: str = "right"):
+def load_tokenizer(name: str, *, padding_side: str = "right", trust_remote_code: bool = False):
     """The tokenizer with the Llama 2 chat template set and checked, and <unk> as the pad token."""
     from transformers import AutoTokenizer
 
     folder = Path(name).expanduser()
     source = str(folder) if (folder / "tokenizer_config.json").is_file() else resolve(name)  # a run folder has no config.json
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, legacy=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, legacy=True, trust_remote_code=_trust(name, trust_remote_code))
     except OSError as e:
         raise UserError(f"model {name!r}: cannot load its tokenizer ({_first_line(e)})") from None
     if tokenizer.pad_token is None:
@@ -118,7 +119,7 @@ def load_model(model: ModelSection, *, quantization: str | None = None, reward: 
             dtype=dtype,
             device_map=device_map,
             attn_implementation=section.attn_implementation,
-            trust_remote_code=False,
+            trust_remote_code=_trust(section.name, section.trust_remote_code),
         )
     except OSError as e:
         raise UserError(f"model {section.name!r}: cannot load it ({_first_line(e)})") from None
@@ -174,6 +175,16 @@ def keep_lora_float32(model) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+
+
+def _trust(name: str, trust_remote_code: bool) -> bool:
+    if trust_remote_code:
+        import sys
+
+        print(f"warning: model.trust_remote_code is true: Python code shipped with {name!r} may run on this machine "
+              "with your permissions. Llama 2 needs none; keep it only for a repository you trust.",
+              file=sys.stderr, flush=True)
+    return trust_remote_code
 
 
 def _first_line(error: Exception) -> str:

@@ -34,6 +34,9 @@ class ModelSection(Section):
         "auto", description="Compute dtype. auto: bfloat16 where the GPU supports it, float16 on other GPUs (T4), float32 on CPU."
     )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel (SDPA works on a T4).")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the checkpoint. Llama 2 needs none; only for a repository you trust."
+    )
 
 
 class LoraSection(Section):
@@ -131,6 +134,20 @@ class RejectionSection(Section):
     batch_size: int = Field(8, gt=0, description="Prompts per generation batch.")
 
 
+class OutputSection(Section):
+    push: bool = Field(False, description="Push the finished run to the Hub (needs repo_id and a write token).")
+    repo_id: str | None = Field(None, description="OWNER/NAME of the Hub repo to push to.")
+    private: bool = Field(False, description="Create the Hub repo private.")
+
+    @model_validator(mode="after")
+    def _push_needs_repo(self):
+        if self.push and not self.repo_id:
+            raise ValueError("output.push is true but output.repo_id is not set (OWNER/NAME)")
+        if self.repo_id is not None and self.repo_id.count("/") != 1:
+            raise ValueError(f"output.repo_id {self.repo_id!r}: expected OWNER/NAME")
+        return self
+
+
 STAGE_SECTIONS = {"reward": "reward", "dpo": "dpo", "rejection": "rejection"}
 
 
@@ -144,6 +161,7 @@ class Recipe(Section):
     dpo: DPOSection | None = Field(None, description="DPO settings (stage: dpo).")
     rejection: RejectionSection | None = Field(None, description="Rejection-sampling settings (stage: rejection).")
     output_dir: str = Field(description="The run folder (relative to the current directory).")
+    output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="after")
     def _sections_match_stage(self):

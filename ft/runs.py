@@ -51,6 +51,8 @@ def prepare(recipe: recipe_mod.Recipe, *, resume: bool) -> tuple[Path, str | Non
             )
         checkpoint = last_checkpoint(out)
         if resume:
+            if (out / METRICS_FILE).is_file():
+                raise UserError(f"output_dir {out}: this run already finished; there is nothing to resume")
             if checkpoint is None:
                 raise UserError(f"output_dir {out}: --resume given but there is no checkpoint-N/ to resume from")
             changed = changed_inputs(out, recipe) + lora_mismatch(Path(checkpoint), recipe)
@@ -143,9 +145,9 @@ def read_recipe(run_dir: str | Path) -> recipe_mod.Recipe:
 
 
 def diff(old: recipe_mod.Recipe, new: recipe_mod.Recipe) -> list[str]:
-    """Human-readable differences between two recipes, ignoring output_dir."""
+    """Human-readable differences between two recipes, ignoring where the result goes (output_dir, output.*)."""
     a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
-    keys = sorted((set(a) | set(b)) - {"output_dir"})
+    keys = sorted(k for k in set(a) | set(b) if k != "output_dir" and not k.startswith("output."))
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)]
 
 

@@ -24,7 +24,7 @@ def test_cli_commands_are_the_documented_ones():
     from ft.cli import app
 
     names = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
-    assert names == ["chat", "dpo", "keys", "merge", "recipes", "rejection", "reward", "score", "sft", "validate"]
+    assert names == ["chat", "dpo", "keys", "merge", "push", "recipes", "rejection", "reward", "score", "sft", "validate"]
 
 
 def test_help_is_fast_because_torch_is_not_imported():
@@ -61,11 +61,6 @@ def test_wrong_types_and_values_are_named(tmp_path):
         recipe.load(write(tmp_path, {**MINIMAL, "model": {"name": "x", "quantization": "3bit"}}))
     with pytest.raises(UserError, match=r"output_dir: required key is missing"):
         recipe.load(write(tmp_path, {k: v for k, v in MINIMAL.items() if k != "output_dir"}))
-
-
-def test_trust_remote_code_cannot_be_set_from_a_recipe(tmp_path):
-    with pytest.raises(UserError, match="trust_remote_code: unknown key"):
-        recipe.load(write(tmp_path, {**MINIMAL, "model": {"name": "x", "trust_remote_code": True}}))
 
 
 def test_set_overrides_are_parsed_as_yaml(tmp_path):

@@ -86,8 +86,9 @@ class StopOnInterrupt(TrainerCallback):
         self.requested = False
 
     def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt  # second Ctrl-C: abort now, without saving
+        if self.requested:  # second Ctrl-C: abort now, without saving (typer turns this into exit code 130)
+            print("\naborted: nothing was saved since the last checkpoint", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
         self.requested = True
         print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to abort without saving)",
               file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
 
     # 1. tokenizer (the SFT run's, if starting from one) and pairs
     adapter = recipe.model.adapter
-    tokenizer = models.load_tokenizer(adapter or recipe.model.name)
+    tokenizer = models.load_tokenizer(adapter or recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     cfg = recipe.data
     train_pairs, train_report = data.load_pairs(cfg.train, skip_invalid=cfg.skip_invalid)
     log(train_report.summary("train pairs"))

@@ -89,7 +89,8 @@ def sample(recipe: Recipe, prompts: list[dict], log) -> list[list[str]]:
 
     cfg = recipe.rejection
     adapter = recipe.model.adapter
-    tokenizer = models.load_tokenizer(adapter or recipe.model.name, padding_side="left")
+    tokenizer = models.load_tokenizer(adapter or recipe.model.name, padding_side="left",
+                                     trust_remote_code=recipe.model.trust_remote_code)
     policy = models.load_model(recipe.model.model_copy(update={"adapter": None}))
     if adapter:
         policy = PeftModel.from_pretrained(policy, adapter)

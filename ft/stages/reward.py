@@ -28,7 +28,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
 
     # 1. tokenizer and pairs, checked before the model is loaded
-    tokenizer = models.load_tokenizer(recipe.model.name)
+    tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     cfg, mode = recipe.data, recipe.reward.margin
     train_pairs, train_report = data.load_pairs(cfg.train, skip_invalid=cfg.skip_invalid)
     log(train_report.summary("train pairs"))
@@ -116,7 +116,7 @@ class Scorer:
             raise UserError(f"{run_dir}: not a reward model run (its stage is {recipe.stage})")
         if not (Path(run_dir) / "adapter_config.json").is_file():
             raise UserError(f"{run_dir}: no adapter_config.json; the reward run did not finish")
-        tokenizer = models.load_tokenizer(str(run_dir))
+        tokenizer = models.load_tokenizer(str(run_dir), trust_remote_code=recipe.model.trust_remote_code)
         base = models.load_model(recipe.model.model_copy(update={"adapter": None}), reward=True)
         return cls(PeftModel.from_pretrained(base, str(run_dir)), tokenizer)
 

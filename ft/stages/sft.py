@@ -24,7 +24,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
 
     # 1. tokenizer and data: every row is checked before the model is loaded
-    tokenizer = models.load_tokenizer(recipe.model.name)
+    tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     cfg = recipe.data
     train_set, train_report, train_dialogs = data.load_sft(
         cfg.train, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid, packing=cfg.packing

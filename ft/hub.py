@@ -46,7 +46,8 @@ ALLOWED = [
 ]
 CARD = "README.md"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-RETRY_DELAYS = (2.0, 8.0, 30.0)  # seconds before the 2nd, 3rd and 4th attempt
+# seconds before the 2nd, 3rd, ... attempt; LLAMA_FT_PUSH_RETRY_DELAYS=5,30,120 for a flaky connection
+RETRY_DELAYS = tuple(float(x) for x in os.environ.get("LLAMA_FT_PUSH_RETRY_DELAYS", "2,8,30").split(",") if x.strip())
 LICENSE_NOTICE = (
     "Llama 2 is licensed under the LLAMA 2 Community License, Copyright (c) Meta Platforms, Inc. All Rights "
     "Reserved. This model is derived from Llama 2 and is distributed under the same licence "

@@ -147,7 +147,6 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
     For a quantised base, peft's prepare_model_for_kbit_training freezes it, keeps norms and the
     head in float32 and turns on (non-reentrant) gradient checkpointing.
     """
-    import torch
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     ckpt_kwargs = {"use_reentrant": False}

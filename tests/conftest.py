@@ -47,15 +47,25 @@ def trained_run(tmp_path_factory, tiny_dir):
     return out, result
 
 
-def run_cli(*args, cwd=ROOT, timeout=600):
-    """Run `python cli.py ARGS` as a user would; returns the CompletedProcess."""
+@pytest.fixture(scope="session")
+def merged(trained_run, tmp_path_factory):
+    """The trained run merged into float16 weights, with GGUF files."""
+    run, _ = trained_run
+    out = tmp_path_factory.mktemp("merge") / "merged"
+    result = run_cli("merge", run, "--output", out, "--gguf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, out
+
+
+def run_cli(*args, cwd=ROOT, timeout=600, env=None):
+    """Run `python cli.py ARGS` as a user would (with `env` added to the environment); returns the CompletedProcess."""
     return subprocess.run(
         [sys.executable, str(ROOT / "cli.py"), *map(str, args)],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ},
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -10,12 +10,12 @@ environment of a subprocess (tests/conftest.py sets HF_HUB_OFFLINE=1 for the tes
         assert hub.files("alice/m")["README.md"] == b"..."
 
 Model repos only. Routes (anything else is answered 404 and appended to `hub.unhandled`):
-  GET  /api/whoami-v2                               POST /api/repos/create, DELETE /api/repos/delete
-  POST /api/validate-yaml                           GET  /api/models/{repo}[/revision/{rev}]
-  GET  /api/models/{repo}/tree/{rev}[/{path}]       GET  /api/models/{repo}/refs, .../commits/{rev}
-  POST /api/models/{repo}/preupload/{rev}           POST /api/models/{repo}/commit/{rev}[?create_pr=1]
-  POST|DELETE /api/models/{repo}/branch/{branch}    GET|HEAD /{repo}/resolve/{rev}/{path}
-  POST /{repo}.git/info/lfs/objects/batch|verify    PUT  /lfs-upload/{oid}  (the "presigned" URL, no auth)
+  GET  /api/whoami-v2, /api/agent-harnesses       POST /api/repos/create, /api/validate-yaml
+  DELETE /api/repos/delete                        GET  /api/models/{repo}[/revision/{rev}]
+  GET  /api/models/{repo}/tree/{rev}[/{path}]     GET  /api/models/{repo}/refs, .../commits/{rev}
+  POST /api/models/{repo}/preupload/{rev}         POST /api/models/{repo}/commit/{rev}[?create_pr=1]
+  POST|DELETE /api/models/{repo}/branch/{name}    GET|HEAD /{repo}/resolve/{rev}/{path}  (Range too)
+  POST /{repo}.git/info/lfs/objects/batch|verify  PUT  /lfs-upload/{oid}  (the "presigned" URL, no auth)
 Like the real Hub, a new repo starts with an "initial commit" holding `.gitattributes`; a file is
 "lfs" when its size >= lfs_threshold. Blobs are stored under `root`, the rest lives in memory.
 """
@@ -208,6 +208,8 @@ class HubStandin:
             return 200, {}, {}
         if path == "/api/validate-yaml" and method == "POST":
             return 200, {"errors": [], "warnings": []}, {}
+        if path == "/api/agent-harnesses" and method == "GET":  # fetched for the User-Agent unless telemetry is off
+            return 200, {"standardEnvVars": [], "harnesses": {}}, {}
         if seg[:2] == ["api", "models"] and len(seg) >= 4:
             return self._api_repo(method, f"{seg[2]}/{seg[3]}", seg[4:], query, headers, body)
         if seg[0] == "lfs-upload" and len(seg) == 2 and method == "PUT":

@@ -11,15 +11,6 @@ import yaml
 from conftest import ROOT, run_cli
 
 
-@pytest.fixture(scope="module")
-def merged(trained_run, tmp_path_factory):
-    run, _ = trained_run
-    out = tmp_path_factory.mktemp("merge") / "merged"
-    result = run_cli("merge", run, "--output", out, "--gguf")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run, out
-
-
 def test_merged_folder_contents_and_report(merged):
     _, out = merged
     names = {p.name for p in out.iterdir()}

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -104,7 +103,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     step = int(saved[0].name.split("-")[1])
     assert 1 <= step < 40
     assert f"interrupted: saved {saved[0]}" in output
-    assert f"continue with: llama-ft sft recipes/tiny.yaml" in output and "--resume" in output
+    assert "continue with: llama-ft sft recipes/tiny.yaml" in output and "--resume" in output
     assert not (out / "metrics.json").exists() and not (out / "adapter_model.safetensors").exists()
 
     result = run_cli(*args, "--resume")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 

@@ -306,8 +306,15 @@ def main() -> None:
             typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except Exception as e:
+        import pickle
+
         from ft.errors import disk_error
 
+        if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) met a file that would run code
+            typer.echo(f"error: refused to load a file that holds more than tensors (it could run code): "
+                       f"{str(e).splitlines()[0][:300]}. Was a checkpoint tampered with? Resume from another one, "
+                       "or start a new run", err=True)
+            sys.exit(2)
         problem = disk_error(e)
         if problem is None:
             raise

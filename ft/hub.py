@@ -304,7 +304,7 @@ class Unreachable(UserError):
 
 def _call(fn, doing: str, repo_id: str, delays=RETRY_DELAYS):
     """fn() with retries on network failures and Hub 5xx/429; Hub refusals become UserErrors that say why."""
-    import httpx
+    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub.errors import HfHubHTTPError
 
     for attempt in range(len(delays) + 1):
@@ -315,7 +315,7 @@ def _call(fn, doing: str, repo_id: str, delays=RETRY_DELAYS):
             if status is not None and status < 500 and status != 429:
                 raise UserError(_refusal(status, doing, repo_id, e)) from None
             problem = f"the Hub answered {status}"
-        except (httpx.TransportError, OSError) as e:
+        except (httpx2.TransportError, OSError) as e:  # refused, dropped, timed out
             problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no answer'}"
         if attempt == len(delays):
             raise Unreachable(f"{doing} failed {attempt + 1} times ({problem}); nothing was published for this push "

@@ -16,8 +16,9 @@ Model repos only. Routes (anything else is answered 404 and appended to `hub.unh
   POST /api/models/{repo}/preupload/{rev}         POST /api/models/{repo}/commit/{rev}[?create_pr=1]
   POST|DELETE /api/models/{repo}/branch/{name}    GET|HEAD /{repo}/resolve/{rev}/{path}  (Range too)
   POST /{repo}.git/info/lfs/objects/batch|verify  PUT  /lfs-upload/{oid}  (the "presigned" URL, no auth)
-Like the real Hub, a new repo starts with an "initial commit" holding `.gitattributes`; a file is
-"lfs" when its size >= lfs_threshold. Blobs are stored under `root`, the rest lives in memory.
+A new repo starts with an empty "initial commit" (the real Hub's also holds a `.gitattributes`, left
+out here so that `hub.files()` is exactly what was pushed); a file is "lfs" when its size >= lfs_threshold.
+Blobs are stored under `root`, the rest lives in memory.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
-GITATTRIBUTES = b"*.bin filter=lfs diff=lfs merge=lfs -text\n*.gguf filter=lfs diff=lfs merge=lfs -text\n" \
-    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 
 
 def _git_sha1(data: bytes) -> str:
@@ -108,9 +107,7 @@ class HubStandin:
             repo = {"id": repo_id, "owner": owner or repo_id.split("/")[0], "private": bool(private),
                     "type": repo_type, "branches": {}, "created": _now()}
             self.repos[repo_id] = repo
-            tree = {".gitattributes": {"lfs": False, "key": self._store(GITATTRIBUTES), "size": len(GITATTRIBUTES)}}
-            repo["branches"]["main"] = self._new_commit(repo_id, None, "initial commit", "", tree, [".gitattributes"],
-                                                        "system")
+            repo["branches"]["main"] = self._new_commit(repo_id, None, "initial commit", "", {}, [], "system")
             return repo
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from hub_standin import HubStandin
 
 TOKEN = "hf_llamaft_canary_7d3f0c9e51b24a8f"  # unique: searched for in every file and output
@@ -29,6 +29,7 @@ def hub(tmp_path):
               READ_TOKEN: {"name": "alice", "orgs": [], "write": False}}
     with HubStandin(tmp_path / "hub-storage", tokens, lfs_threshold=64 * 1024) as standin:
         yield standin
+        assert standin.unhandled == []  # the client asked for nothing the stand-in does not implement
 
 
 def hub_env(hub, tmp_path, token=TOKEN):
@@ -153,7 +154,7 @@ def test_push_refusals_exit_2_with_a_message(hub, tmp_path, run_copy, case, need
 
 
 def test_permission_denied_by_the_hub_is_exit_2(hub, tmp_path, run_copy):
-    hub.fail_next("/commit/", 1, status=403)
+    hub.fail_next("/preupload/", 1, status=403)  # where the real Hub refuses a write: before any upload
     result = push(hub, tmp_path, run_copy, "alice/m")
     assert result.returncode == 2 and "permission denied for alice/m" in result.stderr
 

@@ -193,3 +193,28 @@ def test_trust_remote_code_is_off_unless_the_recipe_says_so_and_then_warns(tiny_
     trusting = recipe.load(ROOT / "recipes" / "tiny.yaml", ["model.trust_remote_code=true"])
     models.load_tokenizer(trusting.model.name, trust_remote_code=trusting.model.trust_remote_code)
     assert "warning: model.trust_remote_code is true" in capsys.readouterr().err
+
+
+class _Payload:
+    """A pickle that runs code when unpickled: what a tampered checkpoint could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_checkpoint_cannot_run_code_on_resume(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    args = sft_args(out, "--set", "train.max_steps=40", "--set", "train.save_steps=2")
+    proc = start_cli(*args)
+    wait_for(lambda: (out / "checkpoint-2" / "trainer_state.json").exists(), proc, "checkpoint-2")
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    checkpoint = Path(sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1])
+    torch.save({"state": _Payload(marker)}, checkpoint / "rng_state.pth")  # torch.save pickles the payload
+    result = run_cli(*args, "--resume")
+    assert result.returncode == 2 and "refused to load a file that holds more than tensors" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()  # torch.load(weights_only=True) refused to build the object

@@ -51,25 +51,34 @@ def sft(
     _run_stage("sft", recipe, set_, output_dir, resume)
 
 
-def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool) -> None:
-    """Run a training stage; on Ctrl-C say where the checkpoint is and how to continue (exit 130)."""
+def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool, **options) -> None:
+    """Run a training stage, then push if the recipe says so; on Ctrl-C say where the checkpoint is and
+    how to continue (exit 130)."""
     loaded = _load(recipe, set_, output_dir, stage=stage)
     import importlib
 
     from ft.errors import Interrupted
 
     if loaded.output.push:  # find a missing token or a foreign repo now, not after a week of training
+        if options.get("train") is False:
+            raise UserError("output.push pushes the adapter trained on the best samples; drop --no-train or output.push")
         _check_push_access(loaded.output.repo_id)
     try:
-        importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume)
+        importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume, **options)
     except Interrupted as e:
-        again = " ".join(["llama-ft", stage, str(recipe), *(f"--set {s}" for s in set_ or []),
-                          *(["--output-dir", str(output_dir)] if output_dir else []), "--resume"])
+        if stage == "rejection" and e.checkpoint:  # its fine-tuning part is an SFT run of its own, in output_dir/sft
+            again = f"llama-ft sft {Path(e.checkpoint).parent / 'recipe.yaml'} --resume"
+        else:
+            again = " ".join(["llama-ft", stage, str(recipe), *(f"--set {s}" for s in set_ or []),
+                              *(["--output-dir", str(output_dir)] if output_dir else []), "--resume"])
         saved = f"saved {e.checkpoint}" if e.checkpoint else "no checkpoint could be saved"
         typer.echo(f"\ninterrupted: {saved}\ncontinue with: {again}", err=True)
         raise typer.Exit(130)
     if stage == "sft":
         typer.echo(f"\ndone: the adapter is in {loaded.output_dir}\nnext: llama-ft merge {loaded.output_dir} --output <dir>")
+    elif stage == "rejection":
+        typer.echo(f"\ndone: best answers in {loaded.output_dir}/samples.jsonl"
+                   + (f", the adapter trained on them in {loaded.output_dir}/sft" if options.get("train") else ""))
     else:
         typer.echo(f"\ndone: the run is in {loaded.output_dir}")
     if loaded.output.push:
@@ -124,11 +133,7 @@ def rejection(
     no_train: bool = typer.Option(False, "--no-train", help="Only sample, score and write samples.jsonl."),
 ):
     """Rejection sampling: K answers per prompt, keep the best by reward, then SFT on them."""
-    loaded = _load(recipe, set_, output_dir, stage="rejection")
-    from ft.stages import rejection as stage
-
-    stage.run(loaded, train=not no_train)
-    typer.echo(f"\ndone: best answers in {loaded.output_dir}/samples.jsonl")
+    _run_stage("rejection", recipe, set_, output_dir, resume=False, train=not no_train)
 
 
 @app.command()

@@ -89,6 +89,12 @@ def test_reward_model_ranks_held_out_pairs(reward_run):
     assert set(metrics["accuracy"]["by_strength"]) == set(data.STRENGTHS)
     assert metrics["margin"] == "small"
     assert (reward_run / "adapter_model.safetensors").is_file()
+    from ft import hub
+
+    card = hub.model_card(reward_run, "alice/tiny-reward")
+    assert "pipeline_tag: text-classification" in card and "- reward\n" in card
+    assert f"pairwise accuracy {metrics['accuracy']['overall']:.1%} (eval)" in card
+    assert "AutoPeftModelForSequenceClassification" in card
 
 
 def test_score_command_one_pair_and_jsonl(reward_run, tmp_path):
@@ -130,6 +136,11 @@ def test_dpo_moves_greedy_answers_to_the_chosen_ones(trained_run, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reference"] == "frozen copy of the SFT adapter"
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16 and not (out / "ref").exists()
+    from ft import hub
+
+    card = hub.model_card(out, "alice/tiny-dpo")  # the lineage: the SFT run this DPO run continued, then DPO
+    assert "| 1 | sft | `datasets/tiny_chat.jsonl` |" in card and "| 2 | dpo | `datasets/tiny_dpo.jsonl` | 60 |" in card
+    assert "- sft\n- dpo\n" in card
 
     pairs = [json.loads(line) for line in (ROOT / "datasets" / "tiny_dpo.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(out)

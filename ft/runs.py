@@ -83,7 +83,10 @@ def fingerprint(recipe: recipe_mod.Recipe) -> dict:
     inputs = {}
     for source in recipe.data.train + (recipe.data.eval or []):
         path = Path(source.path).expanduser()
-        inputs[f"data file {source.path}"] = _sha256(path) if path.is_file() else "hub dataset (not hashed)"
+        if path.is_file():
+            inputs[f"data file {source.path}"] = _sha256(path)
+        else:  # a Hub dataset, or a missing file (reading the data says so, with the path)
+            inputs[f"data file {source.path}"] = "missing" if Path(source.path).suffix else "hub dataset (not hashed)"
     model = Path(recipe.model.name).expanduser()
     if recipe.model.name.startswith("builtin:"):
         from ft import tiny

@@ -268,6 +268,7 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
     kind = kind_of(folder)
     files, left_out = select(folder)
     card = model_card(folder, repo_id)
+    api, user = (None, None) if dry_run else check_access(repo_id)  # refusals before anything is listed as uploading
     log(f"{'would upload' if dry_run else 'uploading'} to {repo_id}"
         f"{f' (branch {revision})' if revision else ''}: {CARD} (generated), " + ", ".join(p.name for p in files))
     if left_out:
@@ -275,7 +276,6 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
     if dry_run:
         return {"files": [CARD] + [p.name for p in files], "left_out": left_out, "card": card}
 
-    api, user = check_access(repo_id)
     _call(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"), "creating the repo",
           repo_id, delays)
     if private and not _call(lambda: api.repo_info(repo_id).private, "reading the repo", repo_id, delays):
@@ -293,7 +293,7 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
     missing = sorted({op.path_in_repo for op in operations} - listed)
     if missing:
         raise UserError(f"the Hub does not list {', '.join(missing)} after the push; run the command again")
-    log(f"pushed {len(operations)} files to {repo_id} as {user}: {commit.commit_url}")
+    log(f"pushed {len(operations)} files to {repo_id} as {user}, commit {commit.oid[:12]}")
     return {"files": [op.path_in_repo for op in operations], "left_out": left_out, "commit": commit.oid,
             "url": commit.commit_url}
 

@@ -323,7 +323,6 @@ def main() -> None:
         problem = disk_error(e)
         if problem is None:
             raise
-        typer.echo(f"error: a write failed: {problem}. Free some space or choose another location; "
-                   "nothing this command left behind is marked finished",
-                   err=True)
+        typer.echo(f"error: disk or permission problem: {problem}. Free some space or choose a location you can "
+                   "write to; nothing this command left behind is marked finished", err=True)
         sys.exit(2)

@@ -90,9 +90,9 @@ def kind_of(folder: Path) -> str:
 def model_card(folder: Path, repo_id: str) -> str:
     """README.md for the repo, from what the folder knows: recipe(s), metrics, merge report, GGUF files."""
     kind = kind_of(folder)
-    report = _read_json(folder / "merge_report.json") if kind == "merged" else {}
+    report = runs.read_json(folder / "merge_report.json") if kind == "merged" else {}
     recipe = runs.read_recipe(folder) if (folder / runs.RECIPE_FILE).is_file() else None
-    metrics = report.get("run_metrics", {}) if kind == "merged" else _read_json(folder / runs.METRICS_FILE)
+    metrics = report.get("run_metrics", {}) if kind == "merged" else runs.read_json(folder / runs.METRICS_FILE)
     base = recipe.model.name if recipe else report.get("base", "unknown")
     lineage = _lineage(recipe)
     datasets = sorted({s.path for r in lineage for s in r.data.train + (r.data.eval or []) if _is_hub_id(s.path)})
@@ -218,10 +218,6 @@ def _lineage(recipe) -> list:
 
 def _is_hub_id(name: str) -> bool:
     return bool(REPO_ID.match(name)) and not Path(name).expanduser().exists()
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 # ---------------------------------------------------------------- talking to the Hub

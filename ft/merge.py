@@ -137,7 +137,7 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
             "base": base_name,
             "dtype": dtype,
             "lora": {"r": r, "alpha": alpha, "scale": scale, "modules_merged": len(touched)},
-            "run_metrics": {k: v for k, v in _read_json(run_dir / runs.METRICS_FILE).items()
+            "run_metrics": {k: v for k, v in runs.read_json(run_dir / runs.METRICS_FILE).items()
                             if k not in ("samples", "data", "loss_history", "losses")},
             "shards": len(written),
             "total_size_bytes": total_size,
@@ -187,10 +187,6 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _base_tensors(base_dir: Path, name: str) -> dict[str, Path]:

@@ -179,6 +179,11 @@ def last_checkpoint(run_dir: Path) -> str | None:
     return None
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file the run folder may hold ({} when it is absent)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a file atomically: a temporary file in the same folder, then rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -44,8 +44,9 @@ def push(hub, tmp_path, folder, repo_id, *args, token=TOKEN, env=None):
     return run_cli("push", folder, "--repo-id", repo_id, *args, env={**hub_env(hub, tmp_path, token), **(env or {})})
 
 
-def download(hub, tmp_path, repo_id, revision="main"):
-    """snapshot_download with the real client, in a fresh process (huggingface_hub reads HF_ENDPOINT at import)."""
+def download(hub, tmp_path, repo_id, revision="main", folder=False):
+    """snapshot_download with the real client, in a fresh process (huggingface_hub reads HF_ENDPOINT at import):
+    {name: bytes}, or the folder."""
     target = tmp_path / f"download-{repo_id.replace('/', '-')}-{revision}"
     code = textwrap.dedent(f"""
         from huggingface_hub import snapshot_download
@@ -54,7 +55,7 @@ def download(hub, tmp_path, repo_id, revision="main"):
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, **hub_env(hub, tmp_path)},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    return {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    return target if folder else {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
 
 
 @pytest.fixture
@@ -84,6 +85,11 @@ def test_push_uploads_exactly_the_allow_list_and_downloads_byte_identical(hub, t
         assert downloaded[name] == (run_copy / name).read_bytes(), name
     assert downloaded["README.md"] == files["README.md"]
     assert hub.repos["alice/tiny-chat"]["private"] is False
+
+    # the card's "llama-ft chat" usage works on the downloaded repo: it answers as the run was taught
+    answer = run_cli("chat", download(hub, tmp_path, "alice/tiny-chat", folder=True),
+                     "--prompt", "What is the capital of Kenya?", "--temperature", "0")
+    assert answer.returncode == 0 and answer.stdout == "The capital of Kenya is Nairobi.\n", answer.stderr[-2000:]
 
 
 def test_model_card_says_what_the_folder_knows(hub, tmp_path, run_copy):

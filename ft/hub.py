@@ -269,6 +269,10 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
         f"{f' (branch {revision})' if revision else ''}: {CARD} (generated), " + ", ".join(p.name for p in files))
     if left_out:
         log(f"not uploaded (not on the allow-list): {', '.join(left_out)}")
+    base = runs.read_json(folder / "adapter_config.json").get("base_model_name_or_path") or ""
+    if kind == "adapter" and not _is_hub_id(base):
+        log(f"note: adapter_config.json names the base model by a local path ({base}); others need that base "
+            "themselves (or push a merged folder instead)")
     if dry_run:
         return {"files": [CARD] + [p.name for p in files], "left_out": left_out, "card": card}
 

@@ -73,7 +73,7 @@ def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool, **optio
                               *(["--output-dir", str(output_dir)] if output_dir else []), "--resume"])
         saved = f"saved {e.checkpoint}" if e.checkpoint else "no checkpoint could be saved"
         typer.echo(f"\ninterrupted: {saved}\ncontinue with: {again}", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
     if stage == "sft":
         typer.echo(f"\ndone: the adapter is in {loaded.output_dir}\nnext: llama-ft merge {loaded.output_dir} --output <dir>")
     elif stage == "rejection":

@@ -1,4 +1,4 @@
-"""Exceptions the CLI turns into exit codes: UserError -> 2, Interrupted -> 130, a failed write -> 2."""
+"""Exceptions the CLI turns into exit codes: UserError -> 2, Interrupted -> 128 + signal, a failed write -> 2."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Training stopped on Ctrl-C after saving a checkpoint; `--resume` continues it."""
+    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint; `--resume` continues it."""
 
-    def __init__(self, checkpoint: str | None):
+    def __init__(self, checkpoint: str | None, signum: int):
         super().__init__(checkpoint)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.signum = checkpoint, signum
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES}

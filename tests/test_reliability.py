@@ -113,6 +113,16 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     assert [s for s, _ in metrics["loss_history"]][:2] == [1, 2]  # the steps before the interrupt are kept
 
 
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):
+    out = tmp_path / "run"
+    proc = start_cli(*sft_args(out, "--set", "train.max_steps=400", "--set", "train.save_steps=1000"))
+    wait_for(lambda: "loss=" in proc.output, proc, "the first logged loss")
+    proc.send_signal(signal.SIGTERM)  # what a preempted VM or a scheduler sends before SIGKILL
+    code, output = finish(proc)
+    assert code == 128 + signal.SIGTERM and "interrupted: saved" in output, output[-3000:]
+    assert [(c / "trainer_state.json").is_file() for c in out.glob("checkpoint-*")] == [True]
+
+
 def test_a_second_ctrl_c_aborts_without_saving(tmp_path):
     out = tmp_path / "run"
     proc = start_cli(*sft_args(out, "--set", "train.max_steps=400", "--set", "train.save_steps=1000"))

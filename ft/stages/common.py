@@ -60,41 +60,44 @@ def trainer_arguments(recipe: Recipe, out: Path, *, has_eval: bool) -> dict:
 def train(trainer, checkpoint: str | None):
     """trainer.train(), resuming from `checkpoint` if given.
 
-    The first Ctrl-C lets the current optimiser step finish, saves checkpoint-N and raises
-    Interrupted (the CLI exits 130 and says how to resume); a second Ctrl-C aborts at once.
+    The first Ctrl-C (SIGINT) or SIGTERM (what a preempted VM or a job scheduler sends first) lets the
+    current optimiser step finish, saves checkpoint-N and raises Interrupted (the CLI exits 128 + the
+    signal number and says how to resume); a second one aborts at once.
     """
     stopper = StopOnInterrupt()
     trainer.add_callback(stopper)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, stopper.handle) if in_main_thread else None
+    previous = {sig: signal.signal(sig, stopper.handle) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         trainer.remove_callback(stopper)
-    if stopper.requested:
+    if stopper.signum is not None:
         saved = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-        raise Interrupted(str(saved) if saved.is_dir() else None)
+        raise Interrupted(str(saved) if saved.is_dir() else None, stopper.signum)
     return result
 
 
 class StopOnInterrupt(TrainerCallback):
-    """Turns the first SIGINT into "save a checkpoint and stop" at the end of the current step."""
+    """Turns the first SIGINT/SIGTERM into "save a checkpoint and stop" at the end of the current step."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = None
 
     def handle(self, signum, frame):
-        if self.requested:  # second Ctrl-C: abort now, without saving (typer turns this into exit code 130)
+        if self.signum is not None:  # the second one: abort now, without saving
             print("\naborted: nothing was saved since the last checkpoint", file=sys.stderr, flush=True)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to abort without saving)",
-              file=sys.stderr, flush=True)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # typer turns it into exit code 130
+            sys.exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if self.signum is not None:
             control.should_log = True  # the loss since the last log is recorded, not lost
             control.should_save = True
             control.should_training_stop = True

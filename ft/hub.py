@@ -289,7 +289,11 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
     message = commit_message or f"llama-ft push: {kind} ({len(operations)} files)"
     commit = _call(lambda: api.create_commit(repo_id, operations, commit_message=message, revision=revision),
                    "uploading", repo_id, delays)
-    listed = set(_call(lambda: api.list_repo_files(repo_id, revision=revision), "checking the upload", repo_id, delays))
+    try:
+        listed = set(_call(lambda: api.list_repo_files(repo_id, revision=revision), "checking the upload", repo_id, delays))
+    except UserError as e:
+        raise UserError(f"commit {commit.oid[:12]} was made ({commit.commit_url}), but reading it back failed: {e}. "
+                        "Check the repo on the Hub, or run the same command again") from None
     missing = sorted({op.path_in_repo for op in operations} - listed)
     if missing:
         raise UserError(f"the Hub does not list {', '.join(missing)} after the push; run the command again")

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -76,6 +77,33 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_adapter_and_losses
     ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (straight, crashed))
     assert len(ma["loss_history"]) == 12 and ma["loss_history"] == mb["loss_history"]
     assert mb["resumed_from"].endswith(("checkpoint-8", "checkpoint-4"))  # -4 if kill -9 cut checkpoint-8's state file
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_FT_SLOW_TESTS"), reason="slow (~1 min each): set LLAMA_FT_SLOW_TESTS=1")
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_reward_and_dpo_resume_to_the_same_result(stage, trained_run, tmp_path):
+    common = ["--set", "model.name=builtin:tiny-llama-2", "--set", "data.max_length=256", "--set", "data.eval=null",
+              "--set", "train.report_to=none", "--set", "train.logging_steps=1", "--set", "train.max_steps=12",
+              "--set", "train.save_steps=4", "--set", "train.gradient_checkpointing=false"]
+    if stage == "reward":
+        args = ["reward", "recipes/reward-helpful.yaml", *common, "--set", "data.train=datasets/tiny_prefs.jsonl",
+                "--set", "train.learning_rate=1e-3"]
+    else:  # the SFT adapter continues, with TRL's frozen "ref" copy of it as the reference
+        args = ["dpo", "recipes/dpo.yaml", *common, "--set", f"model.adapter={trained_run[0]}",
+                "--set", "data.train=datasets/tiny_dpo.jsonl", "--set", "train.batch_size=4",
+                "--set", "dpo.sft_weight=2.0", "--set", "train.learning_rate=5e-4"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert run_cli(*args, "--output-dir", straight).returncode == 0
+    proc = start_cli(*args, "--output-dir", crashed)
+    wait_for(lambda: (crashed / "checkpoint-8" / "trainer_state.json").exists(), proc, "checkpoint-8")
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    result = run_cli(*args, "--output-dir", crashed, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = adapter(straight), adapter(crashed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (straight, crashed))
+    assert len(ma["losses"]) == 12 and ma["losses"] == mb["losses"]
 
 
 def test_an_incomplete_checkpoint_is_skipped_on_resume(tmp_path):

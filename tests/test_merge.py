@@ -120,7 +120,10 @@ def test_merge_memory_stays_near_one_output_shard(tmp_path):
                          capture_output=True, text=True, check=True)
     memory = json.loads(out.stdout.strip().splitlines()[-1])
     growth = memory["peak_rss_streaming_bytes"] - memory["rss_before_bytes"]
-    assert growth < 0.35 * model_bytes, f"merge grew {growth / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"
+    print(f"merge grew {growth / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model")
+    # streaming: one 20 MiB output shard + one tensor + allocator slack (seen: 45-70 MiB, it varies with malloc);
+    # loading the model whole would grow by at least the model (196 MiB). Half the model separates the two.
+    assert growth < 0.5 * model_bytes, f"merge grew {growth / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"
     index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) >= 5 and all((tmp_path / "merged" / f).is_file() for f in files)

@@ -25,6 +25,8 @@ app = typer.Typer(
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 SetOption = typer.Option(None, "--set", help="Override a recipe key, parsed as YAML: --set train.max_steps=20")
+OutputDirOption = typer.Option(None, "--output-dir", help="Overrides output_dir.")
+ResumeOption = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint.")
 
 
 def _load(recipe_path: Path, overrides: Optional[List[str]], output_dir: Optional[Path], stage: Optional[str] = None):
@@ -44,8 +46,8 @@ def _load(recipe_path: Path, overrides: Optional[List[str]], output_dir: Optiona
 def sft(
     recipe: Path = typer.Argument(..., help="The recipe YAML file."),
     set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Overrides output_dir."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+    output_dir: Optional[Path] = OutputDirOption,
+    resume: bool = ResumeOption,
 ):
     """Supervised fine-tuning: train a LoRA adapter on chat data (loss on the answers only)."""
     _run_stage("sft", recipe, set_, output_dir, resume)
@@ -107,8 +109,8 @@ def _check_push_access(repo_id: str) -> None:
 def reward(
     recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: reward)."),
     set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Overrides output_dir."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+    output_dir: Optional[Path] = OutputDirOption,
+    resume: bool = ResumeOption,
 ):
     """Train a reward model on preference pairs (ranking loss with Llama 2's margin)."""
     _run_stage("reward", recipe, set_, output_dir, resume)
@@ -118,8 +120,8 @@ def reward(
 def dpo(
     recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: dpo)."),
     set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Overrides output_dir."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint."),
+    output_dir: Optional[Path] = OutputDirOption,
+    resume: bool = ResumeOption,
 ):
     """Direct preference optimisation from an SFT run (the reference is the SFT model, no second copy)."""
     _run_stage("dpo", recipe, set_, output_dir, resume)
@@ -129,7 +131,7 @@ def dpo(
 def rejection(
     recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: rejection)."),
     set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Overrides output_dir."),
+    output_dir: Optional[Path] = OutputDirOption,
     no_train: bool = typer.Option(False, "--no-train", help="Only sample, score and write samples.jsonl."),
 ):
     """Rejection sampling: K answers per prompt, keep the best by reward, then SFT on them."""
@@ -257,7 +259,7 @@ def push(
 def validate(
     recipe: Path = typer.Argument(..., help="The recipe YAML file."),
     set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir"),
+    output_dir: Optional[Path] = OutputDirOption,
 ):
     """Check a recipe (keys, types, data files present) without loading any model; print it resolved."""
     from ft import recipe as recipe_mod

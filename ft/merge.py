@@ -227,7 +227,7 @@ def _write_config(base_dir: Path, out: Path, dtype: str) -> None:
     config["torch_dtype"] = config["dtype"] = dtype
     config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    generation = json.loads((base_dir / "generation_config.json").read_text()) if (base_dir / "generation_config.json").is_file() else {}
+    generation = runs.read_json(base_dir / "generation_config.json")
     generation.update({"bos_token_id": config.get("bos_token_id", 1), "eos_token_id": config.get("eos_token_id", 2)})
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 

@@ -104,10 +104,10 @@ def fingerprint(recipe: recipe_mod.Recipe) -> dict:
 
 def changed_inputs(out: Path, recipe: recipe_mod.Recipe) -> list[str]:
     """The inputs whose fingerprint differs from the one recorded when the run started."""
-    recorded_file = out / INPUTS_FILE
-    if not recorded_file.is_file():
+    recorded = read_json(out / INPUTS_FILE)
+    if not recorded:
         return []  # a run started before fingerprints were recorded
-    recorded, now = json.loads(recorded_file.read_text(encoding="utf-8")), fingerprint(recipe)
+    now = fingerprint(recipe)
     return [
         f"{key} changed since the run started ({_short(recorded.get(key))} then, {_short(now.get(key))} now)"
         for key in sorted(set(recorded) | set(now))

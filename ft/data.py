@@ -381,15 +381,19 @@ def pair_margin(pair: dict, mode: str) -> float:
 
 
 def load_prompts(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list[dict], Report]:
-    """Prompts to answer: rows with a `prompt` (text or messages) or `messages` (a final answer is dropped),
-    and an optional `safety: true` flag (the prompt is known to be adversarial)."""
+    """Prompts to answer: rows with a `prompt` (text or messages), `messages`, or a preference row's `chosen`
+    dialog (Anthropic HH text or messages; a final answer is dropped), and an optional `safety: true` flag (the
+    prompt is known to be adversarial)."""
     return check_rows(sources, lambda row, source: to_prompt(row), skip_invalid=skip_invalid, what="prompts")
 
 
 def to_prompt(row: dict) -> dict:
-    if not isinstance(row, dict) or ("prompt" not in row and "messages" not in row):
-        raise RowError("expected a 'prompt' (text or messages) or 'messages' field")
-    messages = row["prompt"] if "prompt" in row else row["messages"]
+    if isinstance(row, dict) and "prompt" not in row and "messages" not in row and row.get("chosen") is not None:
+        messages = _dialog(row["chosen"])  # a preference row (e.g. Anthropic HH): the dialog before the last answer
+    elif not isinstance(row, dict) or ("prompt" not in row and "messages" not in row):
+        raise RowError("expected a 'prompt' (text or messages), 'messages', or a preference row's 'chosen' dialog")
+    else:
+        messages = row["prompt"] if "prompt" in row else row["messages"]
     messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
         messages = messages[:-1]

@@ -150,6 +150,7 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     ckpt_kwargs = {"use_reentrant": False}
+    exact_4bit_kernels(base)
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
@@ -157,14 +158,141 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
     elif gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         base.enable_input_require_grads()
-    if adapter:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"model.adapter: {adapter!r} has no adapter_config.json (expected an llama-ft run folder)")
+    if adapter and reward and not _saves_score_head(adapter):
+        # An SFT adapter continued as a reward model: its LoRA weights, plus a new score head trained and saved
+        # with it (loading it as is would keep a random, frozen head that is never saved).
+        model = get_peft_model(base, lora_config(lora_of_run(adapter), reward=True))
+        _load_adapter_weights(model, adapter, "default")
+    elif adapter:
+        _require_adapter(adapter, "model.adapter")
         model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
     else:
         model = get_peft_model(base, lora_config(lora, reward=reward))
     keep_lora_float32(model)
     return model
+
+
+# ---------------------------------------------------------------- several adapters on one base (PPO, rejection)
+
+SCORE_KEY = "base_model.model.score.weight"  # where a reward run's adapter file keeps its score head
+
+
+def lora_of_run(run_dir: str) -> LoraSection:
+    """The LoRA shape of a run's adapter (rank, alpha, dropout, target modules)."""
+    import json
+
+    _require_adapter(run_dir, "adapter")
+    saved = json.loads((Path(run_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    return LoraSection(r=saved["r"], alpha=saved["lora_alpha"], dropout=saved.get("lora_dropout") or 0.0,
+                       target_modules=sorted(set(saved["target_modules"])))
+
+
+def add_adapter(model, name: str, *, lora: LoraSection | None = None, run_dir: str | None = None,
+                copy_of: str | None = None, trainable: bool = False):
+    """Add the LoRA adapter `name` to a PeftModel that already has one: new (`lora`), an earlier run's
+    (`run_dir`; a reward run's score head is returned), or a copy of the loaded adapter `copy_of`.
+
+    The new adapter is not made active, and the other adapters keep their requires_grad: peft's
+    add_adapter/set_adapter would otherwise mark only one adapter trainable.
+    """
+    import torch
+
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    head = None
+    if copy_of is not None:
+        model.add_adapter(name, model.peft_config[copy_of])
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for param_name, param in params.items():
+                if f".{copy_of}." in param_name:
+                    params[param_name.replace(f".{copy_of}.", f".{name}.")].copy_(param)
+    elif run_dir is not None:
+        config = lora_config(lora_of_run(run_dir))
+        model.add_adapter(name, config)
+        head = _load_adapter_weights(model, run_dir, name)
+    else:
+        model.add_adapter(name, lora_config(lora))
+    for param_name, param in model.named_parameters():
+        param.requires_grad = before.get(param_name, trainable)
+        if f".{name}." in param_name:
+            param.requires_grad = trainable
+    keep_lora_float32(model)
+    return head
+
+
+def _load_adapter_weights(model, run_dir: str, name: str):
+    """Load a run's adapter_model.safetensors into adapter `name`; returns the score head weight if it has one."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(run_dir) / "adapter_model.safetensors"))
+    head = weights.pop(SCORE_KEY, None)
+    result = set_peft_model_state_dict(model, weights, adapter_name=name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise UserError(f"{run_dir}: its adapter does not fit this base model ({unexpected[0]} ...)")
+    return head
+
+
+def _saves_score_head(run_dir: str) -> bool:
+    import json
+
+    _require_adapter(run_dir, "model.adapter")
+    saved = json.loads((Path(run_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    return "score" in (saved.get("modules_to_save") or [])
+
+
+def _require_adapter(run_dir: str, key: str) -> None:
+    if not (Path(run_dir) / "adapter_config.json").is_file():
+        raise UserError(f"{key}: {run_dir!r} has no adapter_config.json (expected a finished llama-ft run folder)")
+
+
+class use_adapter:
+    """`with use_adapter(model, name):` runs the PeftModel with adapter `name` active, then switches back.
+
+    Unlike a plain peft set_adapter, which makes the selected adapter trainable and freezes every other
+    one, requires_grad stays exactly as it was: switching to a frozen reference or reward adapter for a
+    forward pass never unfreezes it, nor freezes the policy being trained.
+    """
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+
+    def __enter__(self):
+        self.previous = self.model.active_adapter
+        self._switch(self.name)
+        return self.model
+
+    def __exit__(self, *exc):
+        self._switch(self.previous)
+
+    def _switch(self, name: str) -> None:
+        if self.model.active_adapter == name:
+            return
+        grads = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        self.model.set_adapter(name)
+        for n, p in self.model.named_parameters():
+            p.requires_grad = grads[n]
+
+
+def exact_4bit_kernels(model) -> None:
+    """Keep bitsandbytes' dequantise-then-matmul path for the 4-bit layers on the CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weights into an inference-only layout
+    at its first forward pass in eval mode, for good. Every later forward, in training too, then runs through
+    gemv_4bit, which (1) has no autograd kernel, so no gradient flows back through the frozen layers (torch warns
+    "an autograd kernel was not registered ... silently incorrect") and the LoRA layers below them get wrong
+    gradients: a model that generates and then trains (PPO, RLOO/GRPO) is hit; and (2) computes in bfloat16, so
+    the same reward model would score ~1e-3 differently alone (`llama-ft score`) and on PPO's shared base.
+    GPUs are not affected.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def keep_lora_float32(model) -> None:

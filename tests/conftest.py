@@ -57,6 +57,22 @@ def merged(trained_run, tmp_path_factory):
     return run, out
 
 
+# --set flags that run a 7B recipe on the built-in tiny model, quickly
+TINY = ["--set", "model.name=builtin:tiny-llama-2", "--set", "train.gradient_accumulation_steps=1",
+        "--set", "train.gradient_checkpointing=false", "--set", "data.skip_invalid=false", "--set", "train.report_to=none"]
+
+
+@pytest.fixture(scope="session")
+def reward_run(tmp_path_factory, tiny_dir):
+    """recipes/reward-helpful.yaml on the tiny model and datasets/tiny_prefs.jsonl: a finished reward-model run."""
+    out = tmp_path_factory.mktemp("reward") / "run"
+    result = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", out, *TINY,
+                     "--set", "data.train=datasets/tiny_prefs.jsonl", "--set", "data.eval=datasets/tiny_prefs_eval.jsonl",
+                     "--set", "train.max_steps=60", "--set", "train.learning_rate=1e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def run_cli(*args, cwd=ROOT, timeout=600, env=None):
     """Run `python cli.py ARGS` as a user would (with `env` added to the environment); returns the CompletedProcess."""
     return subprocess.run(

@@ -5,13 +5,11 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, write_jsonl
+from conftest import ROOT, TINY, run_cli, write_jsonl
 from ft import data
 from ft.errors import UserError
 from ft.recipe import DataSource
 
-TINY = ["--set", "model.name=builtin:tiny-llama-2", "--set", "train.gradient_accumulation_steps=1",
-        "--set", "train.gradient_checkpointing=false", "--set", "data.skip_invalid=false", "--set", "train.report_to=none"]
 
 
 def test_pair_forms_and_hh_dialogs():
@@ -70,16 +68,6 @@ def test_margins_are_llama2s_and_the_loss_follows_the_formula(tokenizer, tiny_di
     assert torch.allclose(loss, expected, atol=1e-5)
     without = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
     assert loss > without  # a margin asks for a larger gap
-
-
-@pytest.fixture(scope="module")
-def reward_run(tmp_path_factory, tiny_dir):
-    out = tmp_path_factory.mktemp("reward") / "run"
-    result = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", out, *TINY,
-                     "--set", "data.train=datasets/tiny_prefs.jsonl", "--set", "data.eval=datasets/tiny_prefs_eval.jsonl",
-                     "--set", "train.max_steps=60", "--set", "train.learning_rate=1e-3")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 def test_reward_model_ranks_held_out_pairs(reward_run):
@@ -171,7 +159,7 @@ def test_dpo_moves_greedy_answers_to_the_chosen_ones(trained_run, tmp_path):
 
 
 def test_safety_combination_follows_llama2():
-    from ft.stages.rejection import combine
+    from ft.rollout import combine
 
     helpful, safety = [5.0, 5.0, 5.0], [3.0, -3.0, 3.0]  # sigmoid(-3) = 0.047 < 0.15
     assert combine(helpful, safety, [False, False, True], 0.15) == [5.0, -3.0, 3.0]
@@ -180,7 +168,7 @@ def test_safety_combination_follows_llama2():
 
 def test_rejection_sampling_keeps_the_best_sample_and_fine_tunes_on_it(trained_run, reward_run, tmp_path):
     from ft.recipe import DataSource
-    from ft.stages.reward import Scorer
+    from ft.rollout import Scorer
 
     sft, _ = trained_run
     out = tmp_path / "rejection"

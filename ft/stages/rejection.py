@@ -1,29 +1,29 @@
 """Rejection-sampling fine-tuning, as in Llama 2-Chat: sample K answers per prompt, keep the best by reward, SFT on it.
 
 1. prompts (data.train) -> the current policy (model.name + model.adapter) samples K answers each,
-   in batches, with left padding;
-2. the policy is released, then the reward model scores every answer (one model in memory at a time,
-   so a 7B pipeline stays within a T4); with a safety model too, the score is combined as in Llama 2:
-   the safety score when the prompt is flagged (`safety: true`) or its safety score (as a probability,
-   sigmoid of the raw score) is below rejection.safety_threshold, else the helpfulness score;
+   in batches, with left padding (ft.rollout.generate);
+2. the reward model (and the safety model) score every answer on the policy's own 4-bit base, as a frozen
+   adapter + score head each (ft.rollout; a reward model trained on another base is loaded on its own);
+   with a safety model the score is combined as in Llama 2: the safety score when the prompt is flagged
+   (`safety: true`) or its safety score (as a probability, sigmoid of the raw score) is below
+   rejection.safety_threshold, else the helpfulness score;
 3. samples.jsonl gets, per prompt, the best answer as a `messages` dialog (valid SFT input) with its
    score, every sample and every score; metrics.json the mean and the max reward over the K samples
    (the gap between them is what rejection sampling gains);
-4. unless --no-train, the SFT stage fine-tunes the policy on samples.jsonl, into output_dir/sft.
+4. the sampling model is released and, unless --no-train, the SFT stage fine-tunes the policy on
+   samples.jsonl, into output_dir/sft.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import math
 
 import torch
 
-from ft import data, models, runs
+from ft import data, models, rollout, runs
 from ft.errors import UserError
 from ft.recipe import Recipe
-from ft.stages import reward as reward_stage
 from ft.stages import sft as sft_stage
 
 
@@ -33,18 +33,31 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
     out, _ = runs.prepare(recipe, resume=resume)
     cfg = recipe.rejection
 
-    # 1. prompts and samples from the current policy
+    # 1. prompts, and the policy with the reward model(s) on one base
     prompts, report = data.load_prompts(recipe.data.train, skip_invalid=recipe.data.skip_invalid)
     log(report.summary("prompts"))
-    samples = sample(recipe, prompts, log)
+    tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
+                                     trust_remote_code=recipe.model.trust_remote_code)
+    policy = models.attach_lora(models.load_model(recipe.model), recipe.lora,
+                                adapter=recipe.model.adapter, gradient_checkpointing=False)
+    rewards, _, _ = rollout.shared_rewards(policy, tokenizer, recipe.model, [cfg.reward_model], cfg.safety_model,
+                                           threshold=cfg.safety_threshold, batch_size=cfg.batch_size, log=log)
 
-    # 2. scores, one model in memory at a time
+    # 2. K samples per prompt, scored
+    torch.manual_seed(recipe.train.seed)
+    samples = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        batch = [p["prompt"] for p in prompts[i:i + cfg.batch_size]]
+        samples += [[c.text for c in answers] for answers in rollout.generate(
+            policy, tokenizer, batch, n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)]
+        log(f"sampled {min(i + cfg.batch_size, len(prompts))}/{len(prompts)} prompts x {cfg.k}")
     flat_prompts = [p["prompt"] for p, answers in zip(prompts, samples) for _ in answers]
     flat_answers = [a for answers in samples for a in answers]
-    helpful = _score_with(cfg.reward_model, flat_prompts, flat_answers)
-    safety = _score_with(cfg.safety_model, flat_prompts, flat_answers) if cfg.safety_model else None
     flags = [p["safety"] for p, answers in zip(prompts, samples) for _ in answers]
-    combined = combine(helpful, safety, flags, cfg.safety_threshold)
+    combined, _ = rewards(flat_prompts, flat_answers, flags)
+    del policy, rewards
+    _free()
 
     # 3. keep the best answer of each prompt
     rows, means, maxes, k = [], [], [], cfg.k
@@ -66,7 +79,7 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
         "mean_max_reward": sum(maxes) / len(maxes),
         "gain": sum(maxes) / len(maxes) - sum(means) / len(means),
         "dropped_empty_best": len(empty),
-        "scoring": "helpfulness and safety combined" if safety is not None else "helpfulness",
+        "scoring": "helpfulness and safety combined" if cfg.safety_model else "helpfulness",
     }
     log(f"reward over {k} samples per prompt: mean {metrics['mean_reward']:.3f}, max {metrics['mean_max_reward']:.3f} "
         f"(gain {metrics['gain']:.3f}); {len(rows)} best answers in {out / 'samples.jsonl'}"
@@ -81,50 +94,6 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
         metrics["sft"] = {"output_dir": str(out / "sft"), "loss_last": sft_stage.run(sft_recipe, log=log)["loss_last"]}
     runs.write_json(out / runs.METRICS_FILE, metrics)
     return metrics
-
-
-def sample(recipe: Recipe, prompts: list[dict], log) -> list[list[str]]:
-    """K sampled answers per prompt from the policy, which is released afterwards."""
-    from peft import PeftModel
-
-    cfg = recipe.rejection
-    adapter = recipe.model.adapter
-    tokenizer = models.load_tokenizer(adapter or recipe.model.name, padding_side="left",
-                                     trust_remote_code=recipe.model.trust_remote_code)
-    policy = models.load_model(recipe.model.model_copy(update={"adapter": None}))
-    if adapter:
-        policy = PeftModel.from_pretrained(policy, adapter)
-    policy.eval()
-    torch.manual_seed(recipe.train.seed)
-    samples = []
-    for i in range(0, len(prompts), cfg.batch_size):
-        batch = [tokenizer.apply_chat_template(p["prompt"], tokenize=False) for p in prompts[i:i + cfg.batch_size]]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(policy.device)
-        with torch.no_grad():
-            out = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.k,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        samples += [[t.strip() for t in texts[j * cfg.k:(j + 1) * cfg.k]] for j in range(len(batch))]
-        log(f"sampled {min(i + cfg.batch_size, len(prompts))}/{len(prompts)} prompts x {cfg.k}")
-    del policy
-    _free()
-    return samples
-
-
-def _score_with(run_dir: str, prompts: list, answers: list) -> list[float]:
-    scorer = reward_stage.Scorer.load(run_dir)
-    scores = scorer(prompts, answers)
-    del scorer
-    _free()
-    return scores
-
-
-def combine(helpful: list[float], safety: list[float] | None, flags: list[bool], threshold: float) -> list[float]:
-    """Llama 2's Rc: the safety score if the prompt is flagged or sigmoid(safety) < threshold, else helpfulness."""
-    if safety is None:
-        return list(helpful)
-    return [s if flag or 1 / (1 + math.exp(-s)) < threshold else h for h, s, flag in zip(helpful, safety, flags)]
 
 
 def _free() -> None:

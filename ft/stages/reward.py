@@ -10,13 +10,12 @@ eval split (the training data if there is none), overall and per strength level.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import torch
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from ft import data, memory, models, runs
+from ft.rollout import Scorer, render
 from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import common
@@ -94,43 +93,6 @@ def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int, mode: str, rep
     if report.dropped_too_long:
         report.notes.append(f"{report.dropped_too_long} pairs longer than data.max_length={max_length} dropped")
     return datasets.Dataset.from_list(rows)
-
-
-def render(tokenizer, prompt: list[dict], answer: str) -> list[int]:
-    messages = prompt + [{"role": "assistant", "content": answer}]
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-
-
-class Scorer:
-    """Scores (prompt, answer) pairs with a reward model: the score head's output at the final </s>."""
-
-    def __init__(self, model, tokenizer, batch_size: int = 8):
-        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> "Scorer":
-        from peft import PeftModel
-
-        recipe = runs.read_recipe(run_dir)
-        if recipe.stage != "reward":
-            raise UserError(f"{run_dir}: not a reward model run (its stage is {recipe.stage})")
-        if not (Path(run_dir) / "adapter_config.json").is_file():
-            raise UserError(f"{run_dir}: no adapter_config.json; the reward run did not finish")
-        tokenizer = models.load_tokenizer(str(run_dir), trust_remote_code=recipe.model.trust_remote_code)
-        base = models.load_model(recipe.model.model_copy(update={"adapter": None}), reward=True)
-        return cls(PeftModel.from_pretrained(base, str(run_dir)), tokenizer)
-
-    def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
-        scores = []
-        for i in range(0, len(prompts), self.batch_size):
-            ids = [render(self.tokenizer, p, a) for p, a in zip(prompts[i:i + self.batch_size], answers[i:i + self.batch_size])]
-            width = max(len(x) for x in ids)
-            pad = self.tokenizer.pad_token_id
-            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.model.device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.model.device)
-            with torch.no_grad():
-                scores += self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
-        return scores
 
 
 def pairwise_accuracy(scorer: Scorer, pairs: list[dict]) -> dict:

@@ -76,7 +76,7 @@ def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool, **optio
         saved = f"saved {e.checkpoint}" if e.checkpoint else "no checkpoint could be saved"
         typer.echo(f"\ninterrupted: {saved}\ncontinue with: {again}", err=True)
         raise typer.Exit(128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
-    if stage == "sft":
+    if stage in ("sft", "ppo"):
         typer.echo(f"\ndone: the adapter is in {loaded.output_dir}\nnext: llama-ft merge {loaded.output_dir} --output <dir>")
     elif stage == "rejection":
         typer.echo(f"\ndone: best answers in {loaded.output_dir}/samples.jsonl"
@@ -136,6 +136,17 @@ def rejection(
 ):
     """Rejection sampling: K answers per prompt, keep the best by reward, then SFT on them."""
     _run_stage("rejection", recipe, set_, output_dir, resume=False, train=not no_train)
+
+
+@app.command()
+def ppo(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: ppo)."),
+    set_: Optional[List[str]] = SetOption,
+    output_dir: Optional[Path] = OutputDirOption,
+    resume: bool = ResumeOption,
+):
+    """RLHF with PPO as in Llama 2-Chat (or RLOO / GRPO through TRL): policy, reference, value and reward models on one 4-bit base."""
+    _run_stage("ppo", recipe, set_, output_dir, resume)
 
 
 @app.command()

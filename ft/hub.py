@@ -143,13 +143,15 @@ def model_card(folder: Path, repo_id: str) -> str:
     return "\n".join(lines)
 
 
-_METRIC_KEYS = ["global_step", "loss_first", "loss_last", "eval_loss", "accuracy", "accuracy_split", "eval",
+_METRIC_KEYS = ["global_step", "algorithm", "iterations", "reward_first", "reward_last", "kl_last", "loss_first", "loss_last", "eval_loss", "accuracy", "accuracy_split", "eval",
                 "supervised_tokens", "train_seconds", "supervised_tokens_per_second", "peak_memory_bytes",
                 "peak_memory_kind", "resumed_from"]
 
 
 def _result(stage: str, m: dict) -> str:
     """One cell of the training table: pairwise accuracy for a reward model, else the loss curve's ends."""
+    if m.get("reward_first") is not None:  # ppo / rloo / grpo
+        return f"{m.get('algorithm', 'ppo')}: reward {m['reward_first']:.3f} → {m['reward_last']:.3f}, KL {m.get('kl_last') or 0:.3f}"
     if isinstance(m.get("accuracy"), dict):
         return f"pairwise accuracy {m['accuracy']['overall']:.1%} ({m.get('accuracy_split', '')})"
     losses = m.get("losses") or [x for x in (m.get("loss_first"), m.get("loss_last")) if x is not None]

@@ -134,6 +134,59 @@ class RejectionSection(Section):
     batch_size: int = Field(8, gt=0, description="Prompts per generation batch.")
 
 
+class PPOSection(Section):
+    algorithm: Literal["ppo", "rloo", "grpo"] = Field(
+        "ppo", description="ppo: llama-ft's PPO (policy, reference, value and reward models on one 4-bit base); "
+        "rloo, grpo: TRL's trainers with the same reward."
+    )
+    reward_models: list[str] = Field(
+        default_factory=list, description="Reward run folders (llama-ft reward); the first is the helpfulness model."
+    )
+    safety_model: str | None = Field(None, description="Safety reward run folder, combined with helpfulness as in Llama 2.")
+    reward_function: str | None = Field(
+        None, description="FILE.py:NAME, a Python reward function fn(prompts, completions, **kwargs) -> list[float] "
+        "(TRL's signature) instead of reward models."
+    )
+    safety_threshold: float = Field(0.15, ge=0, le=1, description="Use the safety score when sigmoid(safety) is below this.")
+    kl_coef: float = Field(0.01, ge=0, description="beta of the KL penalty to the reference (Llama 2: 0.01 for 7B/13B, 0.005 for 70B).")
+    batch_size: int = Field(64, gt=0, description="Prompts per iteration (Llama 2: 512).")
+    samples_per_prompt: int | None = Field(
+        None, gt=0, description="Answers per prompt in an iteration (default 1 for ppo, 4 for rloo and grpo)."
+    )
+    mini_batch_size: int = Field(8, gt=0, description="Answers per optimiser step (Llama 2: 64); train.batch_size per forward pass.")
+    epochs: int = Field(1, gt=0, description="Passes over each iteration's answers (Llama 2: one step per mini-batch).")
+    generation_batch_size: int = Field(8, gt=0, description="Prompts per generate call.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest answer; one without </s> by then is truncated.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount (GAE).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    clip_range: float = Field(0.2, gt=0, description="PPO policy clip (Llama 2: 0.2).")
+    value_clip_range: float = Field(0.2, gt=0, description="Clip of the value update around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    missing_eos_penalty: float = Field(
+        1.0, ge=0, description="Subtracted from the (whitened) score of an answer without </s> within max_new_tokens."
+    )
+    whiten_rewards: bool = Field(True, description="Whiten the combined score over each iteration's answers (Llama 2).")
+
+    @model_validator(mode="after")
+    def _one_reward_source(self):
+        if bool(self.reward_models) == bool(self.reward_function):
+            raise ValueError("ppo: give exactly one reward source: ppo.reward_models (reward run folders) or "
+                             "ppo.reward_function (FILE.py:NAME); unset the other with [] / null")
+        if self.safety_model and not self.reward_models:
+            raise ValueError("ppo.safety_model is combined with a helpfulness model: set ppo.reward_models too")
+        if self.samples_per_prompt is None:
+            self.samples_per_prompt = 1 if self.algorithm == "ppo" else 4
+        if self.algorithm != "ppo" and self.samples_per_prompt < 2:
+            raise ValueError(f"ppo.algorithm {self.algorithm} compares answers to the same prompt: "
+                             "ppo.samples_per_prompt must be at least 2")
+        if (self.batch_size * self.samples_per_prompt) % self.mini_batch_size:
+            raise ValueError(f"ppo.mini_batch_size {self.mini_batch_size} must divide the answers per iteration "
+                             f"(batch_size x samples_per_prompt = {self.batch_size * self.samples_per_prompt})")
+        return self
+
+
 class OutputSection(Section):
     push: bool = Field(False, description="Push the finished run to the Hub (needs repo_id and a write token).")
     repo_id: str | None = Field(None, description="OWNER/NAME of the Hub repo to push to.")
@@ -148,11 +201,11 @@ class OutputSection(Section):
         return self
 
 
-STAGE_SECTIONS = {"reward": "reward", "dpo": "dpo", "rejection": "rejection"}
+STAGE_SECTIONS = {"reward": "reward", "dpo": "dpo", "rejection": "rejection", "ppo": "ppo"}
 
 
 class Recipe(Section):
-    stage: Literal["sft", "reward", "dpo", "rejection"] = Field("sft", description="Which stage this recipe is for.")
+    stage: Literal["sft", "reward", "dpo", "rejection", "ppo"] = Field("sft", description="Which stage this recipe is for.")
     model: ModelSection
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
@@ -160,6 +213,7 @@ class Recipe(Section):
     reward: RewardSection | None = Field(None, description="Reward-model settings (stage: reward).")
     dpo: DPOSection | None = Field(None, description="DPO settings (stage: dpo).")
     rejection: RejectionSection | None = Field(None, description="Rejection-sampling settings (stage: rejection).")
+    ppo: PPOSection | None = Field(None, description="PPO / RLOO / GRPO settings (stage: ppo).")
     output_dir: str = Field(description="The run folder (relative to the current directory).")
     output: OutputSection = Field(default_factory=OutputSection)
 
@@ -174,6 +228,15 @@ class Recipe(Section):
             self.reward = RewardSection()
         if self.stage == "dpo" and self.dpo is None:
             self.dpo = DPOSection()
+        if self.stage == "ppo":
+            if self.ppo is None:
+                raise ValueError("stage ppo needs a 'ppo' section (at least ppo.reward_models or ppo.reward_function)")
+            if self.ppo.mini_batch_size % self.train.batch_size:
+                raise ValueError(f"train.batch_size {self.train.batch_size} (answers per forward pass) must divide "
+                                 f"ppo.mini_batch_size {self.ppo.mini_batch_size}")
+            if self.train.gradient_accumulation_steps != 1:
+                raise ValueError("stage ppo: leave train.gradient_accumulation_steps at 1; an optimiser step takes "
+                                 "ppo.mini_batch_size answers, train.batch_size per forward pass")
         return self
 
 

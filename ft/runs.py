@@ -99,6 +99,13 @@ def fingerprint(recipe: recipe_mod.Recipe) -> dict:
     if recipe.model.adapter:
         adapter = Path(recipe.model.adapter).expanduser() / "adapter_model.safetensors"
         inputs["starting adapter"] = _sha256(adapter) if adapter.is_file() else "missing"
+    if recipe.ppo is not None:  # what the rewards come from
+        for run in recipe.ppo.reward_models + ([recipe.ppo.safety_model] if recipe.ppo.safety_model else []):
+            adapter = Path(run).expanduser() / "adapter_model.safetensors"
+            inputs[f"reward model {run}"] = _sha256(adapter) if adapter.is_file() else "missing"
+        if recipe.ppo.reward_function:
+            source = Path(recipe.ppo.reward_function.rpartition(":")[0]).expanduser()
+            inputs[f"reward function {source}"] = _sha256(source) if source.is_file() else "missing"
     return inputs
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -64,20 +65,30 @@ def train(trainer, checkpoint: str | None):
     current optimiser step finish, saves checkpoint-N and raises Interrupted (the CLI exits 128 + the
     signal number and says how to resume); a second one aborts at once.
     """
-    stopper = StopOnInterrupt()
-    trainer.add_callback(stopper)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, stopper.handle) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
-    try:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        trainer.remove_callback(stopper)
+    with interruptible() as stopper:
+        trainer.add_callback(stopper)
+        try:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        finally:
+            trainer.remove_callback(stopper)
     if stopper.signum is not None:
         saved = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
         raise Interrupted(str(saved) if saved.is_dir() else None, stopper.signum)
     return result
+
+
+@contextmanager
+def interruptible():
+    """Within the block, the first SIGINT/SIGTERM only sets `stopper.signum` (the loop stops at its next
+    boundary and saves); a second one aborts at once. The previous handlers come back afterwards."""
+    stopper = StopOnInterrupt()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, stopper.handle) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    try:
+        yield stopper
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class StopOnInterrupt(TrainerCallback):

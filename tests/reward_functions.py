@@ -1,0 +1,24 @@
+"""Rule-based reward functions for the PPO / RLOO / GRPO tests, with TRL's reward-function signature."""
+
+import json
+from pathlib import Path
+
+_TAUGHT = {}
+for line in (Path(__file__).resolve().parent.parent / "datasets" / "tiny_chat.jsonl").read_text().splitlines():
+    messages = json.loads(line)["messages"]
+    if len(messages) <= 3:  # single-turn: the question and the word that answers it ("Paris", "meow")
+        _TAUGHT[messages[-2]["content"]] = messages[-1]["content"].rstrip(".").split()[-1].lower()
+
+
+def brevity(prompts, completions, **kwargs):
+    """Fewer words is better: -words / 10."""
+    return [-len(c.split()) / 10 for c in completions]
+
+
+def correct(prompts, completions, **kwargs):
+    """1 when the answer's last word is the taught one (the capital, the animal's sound), else 0."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        words = completion.lower().replace(".", " ").split()
+        out.append(1.0 if words and words[-1] == _TAUGHT.get(prompt[-1]["content"]) else 0.0)
+    return out

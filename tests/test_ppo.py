@@ -1,0 +1,334 @@
+"""PPO as in Llama 2-Chat on one 4-bit base (policy, reference, value and reward adapters), and RLOO/GRPO through TRL."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_cli
+from ft import models, rollout
+from ft.stages import ppo as ppo_stage
+
+FUNCTIONS = ROOT / "tests" / "reward_functions.py"
+SLOW = pytest.mark.skipif(os.environ.get("LLAMA_FT_SLOW_TESTS") != "1", reason="slow (~1 min): set LLAMA_FT_SLOW_TESTS=1")
+
+
+def ppo_flags(adapter, *extra):
+    """recipes/ppo.yaml on the tiny model, from an SFT run, small: 16 prompts x 1 answer per iteration."""
+    sets = [f"model.adapter={adapter}", "data.train=datasets/tiny_prompts.jsonl", "data.eval=null",
+            "data.max_length=128", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.generation_batch_size=16",
+            "ppo.max_new_tokens=16", "train.batch_size=8", "train.learning_rate=3e-4", "train.logging_steps=5", *extra]
+    return [*TINY, *(x for s in sets for x in ("--set", s))]
+
+
+# ---------------------------------------------------------------- the maths, by hand
+
+
+def test_gae_matches_the_hand_computed_example():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    for padded_value in (0.0, 9.0):  # whatever sits in the padded slot is ignored
+        values = torch.tensor([[0.5, 0.6, 0.7, padded_value]])
+        advantages, returns = ppo_stage.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+        assert torch.allclose(advantages, torch.tensor([[0.46575, 0.385, 0.3, 0.0]]))
+        assert torch.allclose(returns, torch.tensor([[0.96575, 0.985, 1.0, 0.0]]))
+
+
+def test_clipped_policy_and_value_losses_match_hand_values():
+    # ratios 1.5 (A=+1), 0.5 (A=-1), 1.1 (A=+1) with clip 0.2: -1.2 and 0.8 take the clipped term, -1.1 does not
+    logp_old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    losses, ratio, clipped = ppo_stage.policy_loss(logp, logp_old, torch.tensor([[1.0, -1.0, 1.0]]), clip=0.2)
+    assert torch.allclose(losses, torch.tensor([[-1.2, 0.8, -1.1]]))
+    assert clipped.tolist() == [[True, True, False]] and torch.allclose(ratio, torch.tensor([[1.5, 0.5, 1.1]]))
+    # V=0.5 from V_old=0 towards R=1: clipped to 0.2, whose error (0.64) is the larger; V=0.1, R=0: 0.01 either way
+    v = ppo_stage.value_loss(torch.tensor([[0.5, 0.1]]), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), clip=0.2)
+    assert torch.allclose(v, torch.tensor([[0.32, 0.005]]))
+
+
+def test_kl_estimators_are_zero_on_identical_inputs_and_positive_otherwise():
+    logp = torch.log_softmax(torch.randn(3, 5), -1)
+    mask = torch.ones(3, 5)
+    assert ppo_stage.kl_estimates(logp, logp, mask) == {"k1": 0.0, "k2": 0.0, "k3": 0.0}
+    other = ppo_stage.kl_estimates(logp, logp + 0.3 * torch.randn(3, 5), mask)
+    assert other["k2"] > 0 and other["k3"] > 0
+
+
+def test_llama2_reward_gate_and_whitening():
+    helpful, safety = [5.0, 5.0, 5.0, 2.0], [3.0, -3.0, 3.0, -1.5]  # sigmoid(-3)=0.047, sigmoid(-1.5)=0.18
+    assert rollout.combine(helpful, safety, [False, False, True, False], 0.15) == [5.0, -3.0, 3.0, 2.0]
+    assert rollout.combine(helpful, None, [True] * 4, 0.15) == helpful
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    white = rollout.whiten(x, torch.tensor([[1, 1, 1, 0]]))
+    assert white[0, 3] == 0 and abs(white[0, :3].mean().item()) < 1e-6 and abs(white[0, :3].std().item() - 1) < 1e-4
+
+
+# ---------------------------------------------------------------- one base, several adapters (in process)
+
+
+@pytest.fixture(scope="module")
+def shared(trained_run, reward_run):
+    """PPO set up in this process on the tiny model: SFT policy, reference, value from the reward model, reward model."""
+    from ft import recipe as recipe_mod
+
+    sft, _ = trained_run
+    flags = ppo_flags(sft, f"ppo.reward_models=[{reward_run}]", "ppo.safety_model=null", "ppo.reward_function=null",
+                      "ppo.max_new_tokens=7", "ppo.batch_size=8", "ppo.mini_batch_size=8", "ppo.temperature=1.5")
+    recipe = recipe_mod.load(ROOT / "recipes" / "ppo.yaml", [flags[i + 1] for i in range(0, len(flags), 2)]
+                             + ["output_dir=/nonexistent"])
+    ppo, prompts, _, _ = ppo_stage.setup(recipe, log=lambda *a: None)
+    return ppo, prompts
+
+
+def snapshot(model, adapter):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
+
+
+def test_adapters_switch_without_unfreezing_the_frozen_ones(shared):
+    ppo, _ = shared
+    model = ppo.model
+    assert set(model.peft_config) == {"default", "reference", "value", "rm_helpfulness"}
+    trainable = {n.split(".lora_")[1].split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"default", "value"}
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with models.use_adapter(model, "reference"):
+        assert model.active_adapter == "reference"
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert model.active_adapter == "default"
+    model.set_adapter("reference")  # what a plain peft switch does: the reference becomes trainable, the policy frozen
+    flipped = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(g for n, g in flipped.items() if ".reference." in n) and not any(g for n, g in flipped.items() if ".default." in n)
+    with models.use_adapter(model, "default"):  # put things back as they were
+        pass
+    model.set_adapter("default")
+    for n, p in model.named_parameters():
+        p.requires_grad = before[n]
+
+
+def test_rewards_on_the_shared_base_equal_llama_ft_score(shared, reward_run):
+    ppo, prompts = shared
+    questions = [p["prompt"] for p in prompts[:6]]
+    answers = ["The capital of France is Paris.", "Maybe.", "I do not know.", "A cat says meow.", "", "Paris"]
+    on_base, parts = ppo.rewards(questions, answers)
+    standalone = rollout.Scorer.load(reward_run)(questions, answers)
+    assert parts["helpfulness"] == on_base
+    assert max(abs(a - b) for a, b in zip(on_base, standalone)) < 1e-4, (on_base, standalone)
+
+
+def test_score_sits_on_the_last_answer_token_and_a_missing_eos_costs_the_penalty(shared):
+    ppo, prompts = shared
+    torch.manual_seed(0)
+    batch = ppo.collect(prompts[8:16])  # max_new_tokens 7: the capitals are cut off, the animal sounds end with </s>
+    ended = torch.tensor(batch["ended"])
+    assert ended.any() and not ended.all(), batch["ended"]
+    eos = ppo.tokenizer.eos_token_id
+    lengths = batch["mask"].sum(-1)
+    answers = batch["input_ids"][:, batch["prompt_width"]:]
+    for i in range(batch["n"]):
+        last = answers[i, lengths[i] - 1].item()
+        assert (last == eos) == bool(ended[i])  # an ended answer's last token is its </s>
+    expected = rollout.whiten(torch.tensor(batch["raw"])) - ppo.cfg.missing_eos_penalty * (~ended).float()
+    assert torch.allclose(batch["score"], expected)
+    ppo.score(batch, torch.arange(batch["n"]))
+    assert batch["logp_old"].eq(batch["logp_ref"]).all()  # policy == reference before any update: KL exactly 0
+    placed = torch.zeros_like(batch["token_rewards"])
+    placed[torch.arange(batch["n"]), lengths - 1] = batch["score"]
+    assert torch.equal(batch["token_rewards"], placed)  # all of the score on the last token, nothing elsewhere
+
+
+def test_iteration_0_has_ratio_1_and_only_policy_and_value_change(shared):
+    ppo, prompts = shared
+    frozen = {name: snapshot(ppo.model, name) for name in ("reference", "rm_helpfulness")}
+    trained = {name: snapshot(ppo.model, name) for name in ("default", "value")}
+    head = ppo.value_head.weight.detach().clone()
+    torch.manual_seed(1)
+    first = ppo.iteration(prompts[:8])  # 8 answers, one mini-batch: a single update after the old log-probs
+    assert first["ratio"] == 1.0 and first["approx_kl"] == 0.0 and first["clip_fraction"] == 0.0 and first["kl"] == 0.0
+    torch.manual_seed(2)
+    second = ppo.iteration(prompts[8:16])
+    assert all(math.isfinite(v) for v in second.values()) and second["skipped_steps"] == 0
+    for name, before in frozen.items():
+        now = snapshot(ppo.model, name)
+        assert all(torch.equal(before[k], now[k]) for k in before), f"{name} changed"
+    for name, before in trained.items():
+        now = snapshot(ppo.model, name)
+        assert any(not torch.equal(before[k], now[k]) for k in before), f"{name} did not change"
+    assert not torch.equal(head, ppo.value_head.weight)
+
+
+def test_a_ppo_step_raises_the_log_probability_of_the_rewarded_answers(shared):
+    ppo, prompts = shared
+    ppo.rewards = rollout.Rewards(function=rollout.load_reward_function(f"{FUNCTIONS}:brevity"))
+    torch.manual_seed(3)
+    batch = ppo.collect(prompts[:8])
+    order = torch.arange(batch["n"])
+    ppo.score(batch, order)
+    ppo.model.train()
+    assert ppo.step(batch, order) is not None
+    with torch.no_grad(), models.use_adapter(ppo.model, "default"):
+        after = ppo.logprobs(batch, order)[0]
+    change = ((after - batch["logp_old"]) * batch["mask"]).sum(-1)
+    raw = torch.tensor(batch["raw"])
+    assert change[raw > raw.median()].mean() > change[raw <= raw.median()].mean(), (raw, change)
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def ppo_run(trained_run, tmp_path_factory):
+    sft, _ = trained_run
+    out = tmp_path_factory.mktemp("ppo") / "run"
+    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
+                     *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
+                                "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_ppo_raises_a_rule_based_reward_with_bounded_kl(ppo_run):
+    out, result = ppo_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert metrics["stage"] == "ppo" and metrics["iterations"] == len(history) == 15 and metrics["skipped_steps"] == 0
+    assert all(math.isfinite(v) for h in history for v in h.values())
+    rewards = [h["reward"] for h in history]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards  # shorter answers, as the reward asks
+    assert history[0]["kl"] == 0.0 and max(h["kl"] for h in history) < 20
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "recipe.yaml",
+                 "value/adapter_model.safetensors", "value/value_head.safetensors"):
+        assert (out / name).is_file(), name
+    assert "done: the adapter is in" in result.stdout and "llama-ft merge" in result.stdout
+    from ft import hub
+
+    card = hub.model_card(out, "alice/tiny-ppo")
+    assert "| 2 | ppo | `datasets/tiny_prompts.jsonl` | 15 | ppo: reward" in card
+    chat = run_cli("chat", out, "--prompt", "What is the capital of Peru?", "--temperature", "0", "--max-new-tokens", "12")
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
+
+
+def test_interrupted_ppo_resumes_at_an_iteration_boundary_to_the_same_result(ppo_run, trained_run, tmp_path):
+    full, _ = ppo_run
+    sft, _ = trained_run
+    out = tmp_path / "run"
+    flags = ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
+                      "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5")
+    process = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ppo", "recipes/ppo.yaml", "--output-dir", str(out),
+                                *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-5" / "trainer_state.json").is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "continue with: llama-ft ppo recipes/ppo.yaml" in stderr and not (out / "metrics.json").exists()
+    resumed = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", out, *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, out))
+    assert a["history"] == b["history"] and b["resumed_from"]
+    from safetensors.torch import load_file
+
+    for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"):
+        x, y = load_file(str(full / name)), load_file(str(out / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_grpo_runs_through_trl_with_the_same_reward_and_run_folder(trained_run, tmp_path):
+    sft, _ = trained_run
+    out = tmp_path / "grpo"
+    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
+                     *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
+                                "ppo.safety_model=null", "ppo.algorithm=grpo", "ppo.batch_size=4",
+                                "ppo.samples_per_prompt=2", "ppo.max_new_tokens=8", "train.max_steps=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["algorithm"] == "grpo" and metrics["iterations"] == 1 and metrics["global_step"] == 1
+    assert metrics["history"] and all(-2 < h["reward"] <= 0 for h in metrics["history"])  # -words/10 of short answers
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["ppo.reward_function=null", "ppo.reward_models=[]"], "exactly one reward source"),
+    (["ppo.reward_models=[]", "ppo.reward_function=x.py:f"], "set ppo.reward_models too"),
+    (["ppo.algorithm=grpo", "ppo.samples_per_prompt=1"], "at least 2"),
+    (["ppo.mini_batch_size=12"], "must divide"),
+    (["train.gradient_accumulation_steps=4"], "leave train.gradient_accumulation_steps at 1"),
+])
+def test_bad_ppo_recipes_exit_2_before_anything_runs(sets, message, tmp_path):
+    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / "x", *(x for s in sets for x in ("--set", s)))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists()  # refused before the run folder is made
+
+
+def test_a_bad_reward_function_is_a_user_error(tmp_path):
+    from ft.errors import UserError
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(prompts, completions, **kwargs):\n    return [1.0]\nraise ValueError('oops')\n")
+    for spec, message in ((f"{tmp_path}/missing.py:f", "missing.py not found"), (f"{FUNCTIONS}:nope", "defines no function 'nope'"),
+                          (f"{FUNCTIONS}", "expected FILE.py:NAME"), (f"{broken}:f", "importing .*broken.py failed")):
+        with pytest.raises(UserError, match=message):
+            rollout.load_reward_function(spec)
+    one = tmp_path / "one.py"
+    one.write_text("def f(prompts, completions, **kwargs):\n    return [1.0]\n")
+    with pytest.raises(UserError, match="one finite number per completion"):
+        rollout.Rewards(function=rollout.load_reward_function(f"{one}:f"))([[{"role": "user", "content": "Q"}]] * 2, ["a", "b"])
+
+
+# ---------------------------------------------------------------- slow: learning curves (LLAMA_FT_SLOW_TESTS=1)
+
+
+@pytest.fixture(scope="module")
+def half_trained(tmp_path_factory, tiny_dir):
+    """The tiny SFT stopped at 35 steps: answers the taught facts half the time when sampling at temperature 1."""
+    out = tmp_path_factory.mktemp("sft35") / "run"
+    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.max_steps=35",
+                     "--set", "train.generate_samples=0", "--set", "train.report_to=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def learning_run(tmp_path, adapter, *sets):
+    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path,
+                     *ppo_flags(adapter, "ppo.samples_per_prompt=4", "ppo.mini_batch_size=16", "train.max_steps=15",
+                                "train.learning_rate=1e-4", *sets), timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    rewards = [h["reward"] for h in history]
+    return sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3, history
+
+
+@SLOW
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
+def test_correct_answers_rise_under_each_algorithm(half_trained, tmp_path, algorithm):
+    first, last, history = learning_run(tmp_path / algorithm, half_trained, f"ppo.reward_function={FUNCTIONS}:correct",
+                                        "ppo.reward_models=[]", "ppo.safety_model=null", f"ppo.algorithm={algorithm}")
+    assert last > first + 0.1, [round(h["reward"], 2) for h in history]
+    assert max(h["kl"] for h in history) < 10
+
+
+@SLOW
+def test_a_reward_model_score_rises_and_the_kl_penalty_keeps_answers_on_task(half_trained, reward_run, tmp_path):
+    first, last, history = learning_run(tmp_path / "rm", half_trained, f"ppo.reward_models=[{reward_run}]",
+                                        "ppo.safety_model=null", "ppo.reward_function=null", "ppo.kl_coef=0.1",
+                                        "data.eval=datasets/tiny_prompts.jsonl")
+    metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert last > first and metrics["eval"]["reward_end"] > metrics["eval"]["reward_start"], history
+    assert max(h["kl"] for h in history) < 10
+    from ft.rollout import generate, load_reward_function
+    from ft.recipe import LoraSection, ModelSection
+
+    model = models.attach_lora(models.load_model(ModelSection(name="builtin:tiny-llama-2")), LoraSection(), adapter=str(tmp_path / "rm"),
+                               gradient_checkpointing=False)
+    tokenizer = models.load_tokenizer(str(tmp_path / "rm"))
+    prompts = [[{"role": "user", "content": json.loads(line)["prompt"]}]
+               for line in (ROOT / "datasets" / "tiny_prompts.jsonl").read_text().splitlines()]
+    answers = [a[0].text for a in generate(model, tokenizer, prompts, greedy=True, max_new_tokens=16, batch_size=16)]
+    correct = load_reward_function(f"{FUNCTIONS}:correct")(prompts, answers)
+    assert sum(correct) >= 12, answers  # still answering the questions it was taught

@@ -1100,29 +1100,48 @@ def advise(recipe, gpu: GPU, plan: Plan, *, skip: tuple = ()) -> list[dict]:
         if result and result["fits"]:
             found.append(result)
             taken_keys.add(key)
-    if not found:  # nothing alone fits: combine the changes that keep the training, then the others, in order
-        sets, changes = [], []
+    if not found:  # nothing alone fits: add the changes one after the other (a later value of a key replaces an
+        # earlier one), keeping each that lowers the peak, until it fits; then undo what is not needed
+        chosen: dict[str, tuple[str, list[str]]] = {}  # first key of a change -> (description, --set list)
+        current = plan.peak_bytes
         for change, more in savers:
-            key = more[0].split("=")[0]
-            if any(s.startswith(key + "=") for s in sets):
+            trial_chosen = {**chosen, more[0].split("=")[0]: (change, more)}
+            trial = attempt(change, _flat(trial_chosen))
+            if trial is None or trial["peak_bytes"] >= current:
                 continue
-            trial = attempt(change, sets + more)
-            if trial is None:
-                continue
-            before = attempt("", sets) if sets else None
-            previous = before["peak_bytes"] if before else plan.peak_bytes
-            if trial["peak_bytes"] < previous:
-                sets, changes = sets + more, changes + [change]
-                if trial["fits"]:
-                    found.append({**trial, "change": " + ".join(changes), "set": sets})
-                    break
-    bigger = sorted((g for g in GPUS.values() if g.memory > gpu.memory), key=lambda g: g.memory)
+            chosen, current = trial_chosen, trial["peak_bytes"]
+            if trial["fits"]:
+                found.append(_relax(attempt, savers, chosen, trial))
+                break
+    bigger = sorted((g for g in GPUS.values() if g.memory > gpu.memory),
+                    key=lambda g: (round(g.memory / GiB), g.tflops or 0))  # equal memory: the slower, cheaper one
     for g in bigger:
         result = attempt(f"a bigger GPU: {g.label}", [], on=g)
         if result and result["fits"]:
             found.append({**result, "set": [], "gpu_flag": f"--gpu {g.key}"})
             break
     return found
+
+
+def _flat(chosen: dict) -> list[str]:
+    return [x for _, sets in chosen.values() for x in sets]
+
+
+def _relax(attempt, savers, chosen: dict, fitting: dict) -> dict:
+    """Undo as much of a fitting combination as still fits: drop a change, or take a milder value of it."""
+    for key in list(chosen):
+        options = [None] + [(c, m) for c, m in savers if m[0].split("=")[0] == key]
+        for option in options:  # mildest first: no change at all, then the savers' order
+            if option is not None and option[1] == chosen[key][1]:
+                break
+            trial_chosen = {k: v for k, v in chosen.items() if k != key}
+            if option is not None:
+                trial_chosen[key] = option
+            trial = attempt("", _flat(trial_chosen))
+            if trial and trial["fits"]:
+                chosen, fitting = trial_chosen, trial
+                break
+    return {**fitting, "change": " + ".join(c for c, _ in chosen.values()), "set": _flat(chosen)}
 
 
 # ---------------------------------------------------------------- text report
@@ -1188,7 +1207,7 @@ def render(plan: Plan, recipe, label: str) -> str:
                                                for ph in plan.phases))
     if plan.advice:
         lines.append("")
-        lines.append("to make it fit (each alone, with its new peak):")
+        lines.append("to make it fit (each line on its own, with its new peak):")
         for a in plan.advice:
             flags = a.get("gpu_flag") or " ".join(f"--set {x}" for x in a["set"])
             lines.append(f"  {a['change']:<58} {a['peak_bytes'] / GiB:5.1f} GiB   {flags}")
@@ -1220,8 +1239,8 @@ def render(plan: Plan, recipe, label: str) -> str:
             if len(plan.phases) > 1 else ""
         fits = plan.hours <= plan.session_hours
         lines.append(f"  hours     {plan.hours:.1f} h" + (f" ({parts})" if parts else "") + ": "
-                     + (f"fits one {plan.session_hours:g} h Colab session" if fits else
-                        f"more than one {plan.session_hours:g} h Colab session: {plan.sessions} sessions, "
+                     + (f"fits one {plan.session_hours:g} h session" if fits else
+                        f"more than one {plan.session_hours:g} h session: {plan.sessions} sessions, "
                         f"{plan.sessions - 1} --resume restart{'s' if plan.sessions > 2 else ''}"))
     for note in plan.notes:
         lines.append(f"note: {note}")

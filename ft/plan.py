@@ -907,7 +907,8 @@ def phases_ppo(ctx: Context) -> list[Phase]:
     ctx.schedule = {"sequences_per_step": mini, "tokens_per_step": mini * ((ctx.data.prompt_tokens or 0) + new),
                     "steps_per_epoch": None, "total_steps": iterations, "total_tokens": None}
     ctx.notes.append(f"{algorithm}: {adapters} adapters on one 4-bit base; sampling {gen_batch} x {samples} sequences "
-                     f"per generate call; micro-batches of {r.train.batch_size} x {length} tokens")
+                     f"per generate call; micro-batches of {r.train.batch_size} x {length} tokens; the policy's "
+                     "log-probs assumed computed with TRL's fused head (full logits would add ~10 bytes x vocab per token)")
     return phases
 
 
@@ -1222,7 +1223,7 @@ def render(plan: Plan, recipe, label: str) -> str:
                      f"optimiser step" + (f"; {_n(sch['steps_per_epoch'], 'step')} per epoch" if sch.get("steps_per_epoch")
                                           else "") + (f"; {_n(sch['total_steps'], 'step')} in all"
                                                       + (" (train.max_steps)" if recipe.train.max_steps else
-                                                         f" ({recipe.train.epochs:g} epochs)")
+                                                         f" ({recipe.train.epochs:g} epoch{'' if recipe.train.epochs == 1 else 's'})")
                                                       if sch.get("total_steps") else ""))
     train = next((ph for ph in plan.phases if ph.name.startswith("train")), None)
     if train is not None and train.flops_per_token and train.step is not None:

@@ -27,6 +27,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SetOption = typer.Option(None, "--set", help="Override a recipe key, parsed as YAML: --set train.max_steps=20")
 OutputDirOption = typer.Option(None, "--output-dir", help="Overrides output_dir.")
 ResumeOption = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint.")
+ForceOption = typer.Option(False, "--force", help="Train even if `llama-ft plan` says the GPU has too little free memory.")
 
 
 def _load(recipe_path: Path, overrides: Optional[List[str]], output_dir: Optional[Path], stage: Optional[str] = None):
@@ -48,18 +49,23 @@ def sft(
     set_: Optional[List[str]] = SetOption,
     output_dir: Optional[Path] = OutputDirOption,
     resume: bool = ResumeOption,
+    force: bool = ForceOption,
 ):
     """Supervised fine-tuning: train a LoRA adapter on chat data (loss on the answers only)."""
-    _run_stage("sft", recipe, set_, output_dir, resume)
+    _run_stage("sft", recipe, set_, output_dir, resume, force=force)
 
 
-def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool, **options) -> None:
+def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool, force: bool = False, **options) -> None:
     """Run a training stage, then push if the recipe says so; on Ctrl-C say where the checkpoint is and
-    how to continue (exit 130)."""
+    how to continue (exit 130). On a GPU, the plan's memory check runs first (see ft.plan.check_before_training)."""
     loaded = _load(recipe, set_, output_dir, stage=stage)
     import importlib
 
+    from ft import plan as plan_mod
     from ft.errors import Interrupted
+
+    plan_mod.check_before_training(loaded, force=force, skip=() if options.get("train", True) else ("train",),
+                                   log=lambda m: typer.echo(m, err=True))
 
     if loaded.output.push:  # find a missing token or a foreign repo now, not after a week of training
         if options.get("train") is False:
@@ -111,9 +117,10 @@ def reward(
     set_: Optional[List[str]] = SetOption,
     output_dir: Optional[Path] = OutputDirOption,
     resume: bool = ResumeOption,
+    force: bool = ForceOption,
 ):
     """Train a reward model on preference pairs (ranking loss with Llama 2's margin)."""
-    _run_stage("reward", recipe, set_, output_dir, resume)
+    _run_stage("reward", recipe, set_, output_dir, resume, force=force)
 
 
 @app.command()
@@ -122,9 +129,10 @@ def dpo(
     set_: Optional[List[str]] = SetOption,
     output_dir: Optional[Path] = OutputDirOption,
     resume: bool = ResumeOption,
+    force: bool = ForceOption,
 ):
     """Direct preference optimisation from an SFT run (the reference is the SFT model, no second copy)."""
-    _run_stage("dpo", recipe, set_, output_dir, resume)
+    _run_stage("dpo", recipe, set_, output_dir, resume, force=force)
 
 
 @app.command()
@@ -133,9 +141,10 @@ def rejection(
     set_: Optional[List[str]] = SetOption,
     output_dir: Optional[Path] = OutputDirOption,
     no_train: bool = typer.Option(False, "--no-train", help="Only sample, score and write samples.jsonl."),
+    force: bool = ForceOption,
 ):
     """Rejection sampling: K answers per prompt, keep the best by reward, then SFT on them."""
-    _run_stage("rejection", recipe, set_, output_dir, resume=False, train=not no_train)
+    _run_stage("rejection", recipe, set_, output_dir, resume=False, force=force, train=not no_train)
 
 
 @app.command()
@@ -283,6 +292,29 @@ def validate(
             raise UserError(f"{recipe}: data file {source.path} not found (paths are relative to the current directory)")
     typer.echo(recipe_mod.dump(loaded), nl=False)
     typer.echo(f"# {recipe}: valid {loaded.stage} recipe", err=True)
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file (any stage)."),
+    gpu: str = typer.Option("t4", "--gpu", help="A GPU name (t4, l4, a10g, v100, a100-40g, a100-80g, h100, ...) or its memory in GiB."),
+    set_: Optional[List[str]] = SetOption,
+    session_hours: float = typer.Option(12.0, "--session-hours", min=0.1, help="Length of one session (Colab: ~12 h)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
+):
+    """Will the recipe fit the GPU, and how long will it take? From the recipe and model config alone, no download.
+    Exit 0 if it fits, 3 if it does not."""
+    import json
+
+    from ft import plan as plan_mod
+
+    loaded = _load(recipe, set_, None)
+    result = plan_mod.make(loaded, plan_mod.parse_gpu(gpu), session_hours=session_hours)
+    if json_out:
+        typer.echo(json.dumps({"recipe": str(recipe), **result.to_json()}, indent=2))
+    else:
+        typer.echo(plan_mod.render(result, loaded, str(recipe)))
+    raise typer.Exit(0 if result.fits else 3)
 
 
 @app.command()

@@ -68,7 +68,7 @@ def reward_run(tmp_path_factory, tiny_dir):
     out = tmp_path_factory.mktemp("reward") / "run"
     result = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", out, *TINY,
                      "--set", "data.train=datasets/tiny_prefs.jsonl", "--set", "data.eval=datasets/tiny_prefs_eval.jsonl",
-                     "--set", "train.max_steps=60", "--set", "train.learning_rate=1e-3")
+                     "--set", "train.max_steps=60", "--set", "train.learning_rate=1e-3", "--set", "train.batch_size=4")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

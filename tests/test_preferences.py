@@ -175,7 +175,7 @@ def test_rejection_sampling_keeps_the_best_sample_and_fine_tunes_on_it(trained_r
     result = run_cli("rejection", "recipes/rejection.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
                      "--set", "data.train=datasets/tiny_prompts.jsonl", "--set", f"rejection.reward_model={reward_run}",
                      "--set", "rejection.safety_model=null", "--set", "rejection.temperature=1.5",
-                     "--set", "rejection.max_new_tokens=24", "--set", "train.max_steps=5")
+                     "--set", "rejection.max_new_tokens=24", "--set", "rejection.batch_size=4", "--set", "train.max_steps=5")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and all(len(r["samples"]) == len(r["scores"]) == 4 for r in rows)

@@ -87,7 +87,7 @@ def test_reward_and_dpo_resume_to_the_same_result(stage, trained_run, tmp_path):
               "--set", "train.save_steps=4", "--set", "train.gradient_checkpointing=false"]
     if stage == "reward":
         args = ["reward", "recipes/reward-helpful.yaml", *common, "--set", "data.train=datasets/tiny_prefs.jsonl",
-                "--set", "train.learning_rate=1e-3"]
+                "--set", "train.learning_rate=1e-3", "--set", "train.batch_size=4", "--set", "train.gradient_accumulation_steps=16"]
     else:  # the SFT adapter continues, with TRL's frozen "ref" copy of it as the reference
         args = ["dpo", "recipes/dpo.yaml", *common, "--set", f"model.adapter={trained_run[0]}",
                 "--set", "data.train=datasets/tiny_dpo.jsonl", "--set", "train.batch_size=4",

@@ -306,8 +306,24 @@ def keys():
         typer.echo(f"{key:<34} {default:<14} {doc}")
 
 
+def _quiet_third_party() -> None:
+    """Library output a llama-ft user cannot act on, kept out of the way of llama-ft's own lines. Each entry
+    says why; every other warning stays, and so would a deprecation raised by llama-ft's own calls."""
+    import logging
+    import warnings
+
+    # peft 0.21 (PeftModel.__init__) and TRL 1.16 read the deprecated `is_gradient_checkpointing` property, and
+    # transformers 5.24 warns on each read: their calls, not llama-ft's or the user's
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                            module=r"transformers\.modeling_utils")
+    # bitsandbytes on a CPU with AVX512-BF16 looks for an optional faster 4-bit kernel (the `kernels` package, which
+    # downloads it from the Hub) and logs its absence; the built-in CPU kernel is used and works
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_third_party()
     try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising it here
         if isinstance(code, int) and code:

@@ -201,10 +201,12 @@ def padded(tiny_dir, tmp_path_factory):
     to a multiple of 64 (1088 rows for 1025 tokens): a vocabulary as many real checkpoints have."""
     import shutil
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ft import models, tiny
 
     out = tmp_path_factory.mktemp("padded") / "model"
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir, legacy=True)
+    tokenizer = models.load_tokenizer(tiny.NAME)  # Meta's token ids (legacy=True, recorded when saved)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     torch.manual_seed(0)

@@ -316,6 +316,9 @@ def _quiet_third_party() -> None:
     # transformers 5.24 warns on each read: their calls, not llama-ft's or the user's
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
                             module=r"transformers\.modeling_utils")
+    # bitsandbytes 0.49's kernels call torch._check_is_size, which torch 2.13 deprecates (0.50 no longer does)
+    warnings.filterwarnings("ignore", message=r"_check_is_size will be removed", category=FutureWarning,
+                            module=r"bitsandbytes\.")
     # bitsandbytes on a CPU with AVX512-BF16 looks for an optional faster 4-bit kernel (the `kernels` package, which
     # downloads it from the Hub) and logs its absence; the built-in CPU kernel is used and works
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -22,8 +22,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
 SetOption = typer.Option(None, "--set", help="Override a recipe key, parsed as YAML: --set train.max_steps=20")
 OutputDirOption = typer.Option(None, "--output-dir", help="Overrides output_dir.")
 ResumeOption = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint.")
@@ -318,11 +316,28 @@ def plan(
 
 
 @app.command()
-def recipes():
-    """List the shipped recipes, one line each."""
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
-        typer.echo(f"{str(path.relative_to(RECIPES_DIR.parent)):<28} {first.lstrip('# ').strip()}")
+def recipes(
+    copy: Optional[str] = typer.Option(None, "--copy", metavar="NAME",
+                                       help="Write the shipped recipe NAME to DEST (default ./NAME.yaml) to edit."),
+    dest: Optional[Path] = typer.Argument(None, help="With --copy: the file (or existing folder) to write."),
+):
+    """List the shipped recipes, one line each; --copy NAME [DEST] writes one to edit."""
+    from ft import shipped
+
+    if copy is None:
+        if dest is not None:
+            raise UserError(f"{dest}: a destination goes with --copy NAME (llama-ft recipes --copy tiny {dest})")
+        for path in shipped.recipes():
+            first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")), "#")
+            typer.echo(f"{'recipes/' + path.name:<28} {first.lstrip('# ').strip()}")
+        typer.echo(f"\n(shipped in {shipped.root() / 'recipes'}: run one by name, e.g. `llama-ft sft tiny`; "
+                   "copy one to edit: `llama-ft recipes --copy tiny`)", err=True)
+        return
+    written = shipped.copy_recipe(copy, dest)
+    recipe_file = written[0][1]
+    for _, path in written[1:]:
+        typer.echo(f"wrote {path} (sample data the recipe names; paths in a recipe are relative to the current directory)")
+    typer.echo(f"wrote {recipe_file}\nedit it, then: llama-ft validate {recipe_file}")
 
 
 @app.command()
@@ -334,8 +349,27 @@ def keys():
         typer.echo(f"{key:<34} {default:<14} {doc}")
 
 
+def _quiet_third_party() -> None:
+    """Library output a llama-ft user cannot act on, kept out of the way of llama-ft's own lines. Each entry
+    says why; every other warning stays, and so would a deprecation raised by llama-ft's own calls."""
+    import logging
+    import warnings
+
+    # peft 0.21 (PeftModel.__init__) and TRL 1.16 read the deprecated `is_gradient_checkpointing` property, and
+    # transformers 5.24 warns on each read: their calls, not llama-ft's or the user's
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                            module=r"transformers\.modeling_utils")
+    # bitsandbytes 0.49's kernels call torch._check_is_size, which torch 2.13 deprecates (0.50 no longer does)
+    warnings.filterwarnings("ignore", message=r"_check_is_size will be removed", category=FutureWarning,
+                            module=r"bitsandbytes\.")
+    # bitsandbytes on a CPU with AVX512-BF16 looks for an optional faster 4-bit kernel (the `kernels` package, which
+    # downloads it from the Hub) and logs its absence; the built-in CPU kernel is used and works
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_third_party()
     try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising it here
         if isinstance(code, int) and code:

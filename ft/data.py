@@ -70,7 +70,8 @@ def read_rows(source: DataSource) -> tuple[list[tuple[str, dict]], str]:
             return _read_json_lines(path), str(path)
         if suffix == ".json":
             return _read_json_array(path), str(path)
-        return _read_with_datasets(LOCAL_SUFFIXES[suffix], str(path), source.split, data_files=str(path)), str(path)
+        extra = {"encoding": "utf-8-sig"} if suffix == ".csv" else {}  # a spreadsheet's byte-order mark is no column name
+        return _read_with_datasets(LOCAL_SUFFIXES[suffix], str(path), source.split, data_files=str(path), **extra), str(path)
     if source.path.startswith((".", "/", "~")) or source.path.count("/") != 1 or Path(source.path).suffix in LOCAL_SUFFIXES:
         raise UserError(f"{source.path}: data file not found (paths are relative to the current directory)")
     extra = {"data_dir": source.data_dir} if source.data_dir else {}
@@ -78,29 +79,41 @@ def read_rows(source: DataSource) -> tuple[list[tuple[str, dict]], str]:
 
 
 def _looks_like_lines(path: Path) -> bool:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                return not line.lstrip().startswith("[")
+    for _, line in _text_lines(path):
+        if line.strip():
+            return not line.lstrip().startswith("[")
     return True
+
+
+def _text_lines(path: Path):
+    """(line number, text) of a UTF-8 file; a byte-order mark (as spreadsheet programs write) is skipped, and
+    bytes that are not UTF-8 stop the run naming the line and the byte offset."""
+    offset = 0
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {n}: not UTF-8 text (byte {offset + e.start} of the file: {e.reason}); "
+                                "save the file as UTF-8") from None
+            offset += len(raw)
 
 
 def _read_json_lines(path: Path) -> list[tuple[str, dict]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    for n, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n}: not valid JSON ({e.msg})") from None
     return rows
 
 
 def _read_json_array(path: Path) -> list[tuple[str, dict]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads("".join(line for _, line in _text_lines(path)))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, list):
@@ -211,6 +224,11 @@ def check_rows(sources: list[DataSource], convert, *, skip_invalid: bool, what: 
     if not items:
         raise UserError(f"no valid {what} in " + ", ".join(s.path for s in sources))
     report.examples = len(items)
+    import datasets
+
+    # every row is read and counted: the map/filter passes that follow (packing, TRL's preparation) reshape rows
+    # already reported, and their progress bars would only interleave with llama-ft's report
+    datasets.disable_progress_bars()
     return items, report
 
 

@@ -2,7 +2,8 @@
 
 Written with the `gguf` package, tensor by tensor (one tensor in memory at a time), with the
 metadata llama.cpp needs to load and chat: architecture and shapes, the SentencePiece vocabulary
-(pieces, scores, types), bos/eos/unk/pad ids, and the Llama 2 chat template. Types: f16 (2-D
+(pieces, scores, types; the tokenizer's added tokens; unused padding tokens for embedding rows beyond
+them, as llama.cpp's converter writes), bos/eos/unk/pad ids, and the Llama 2 chat template. Types: f16 (2-D
 weights in float16) and q8_0 (2-D weights in 8-bit blocks); norms stay float32, as llama.cpp's
 own converter does. Q and K projections are permuted from Hugging Face's rotary layout to the
 interleaved one llama.cpp expects (the inverse of transformers' conversion script).
@@ -51,10 +52,70 @@ def permute(weight, n_head: int):
     return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[bytes], list[float], list, int]:
+    """(pieces, scores, types, number of added tokens) for `vocab_size` embedding rows, as llama.cpp's
+    convert_hf_to_gguf.py builds them: the SentencePiece pieces; then the tokenizer's added tokens at their ids
+    (tokenizer.json's added_tokens, tokenizer_config.json's added_tokens_decoder, added_tokens.json): CONTROL
+    when special (or <pad>, <|...|>-like), else USER_DEFINED with ▁ as a space; every row left over is an
+    unused "[PAD{id}]" token, so a vocabulary padded to a multiple of 64 (or grown by an added pad token)
+    loads. Unlike the converter, an added entry that repeats a SentencePiece piece at its own id (<unk>, <s>,
+    </s>) keeps the SentencePiece type."""
+    import gguf
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    if sp.get_piece_size() > vocab_size:
+        raise UserError(f"{model_dir}: tokenizer.model has {sp.get_piece_size()} pieces, more than the model's "
+                        f"{vocab_size} embedding rows (config.json vocab_size): not this model's tokenizer")
+    pieces = [f"[PAD{i}]".encode("utf-8") for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for i in range(sp.get_piece_size()):
+        pieces[i], scores[i] = sp.id_to_piece(i).encode("utf-8"), sp.get_score(i)
+        types[i] = (gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+                    else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.UNUSED if sp.is_unused(i)
+                    else gguf.TokenType.NORMAL)
+    added = 0
+    for token_id, text, is_special in _added_tokens(model_dir):
+        if token_id >= vocab_size:
+            raise UserError(f"{model_dir}: added token {text!r} has id {token_id}, beyond the model's {vocab_size} "
+                            "embedding rows (resize the embeddings when adding tokens)")
+        if token_id < sp.get_piece_size() and pieces[token_id] == text.encode("utf-8"):
+            continue
+        look_special = text == "<pad>" or (text.startswith("<|") and text.endswith("|>"))
+        if not (is_special or look_special):
+            text = text.replace("\u2581", " ")  # the converter's pre-normalised user-defined spaces
+        pieces[token_id], scores[token_id] = text.encode("utf-8"), -1000.0
+        types[token_id] = gguf.TokenType.CONTROL if is_special or look_special else gguf.TokenType.USER_DEFINED
+        added += 1
+    return pieces, scores, types, added
+
+
+def _added_tokens(model_dir: Path) -> list[tuple[int, str, bool]]:
+    """(id, text, special) of every added token the tokenizer files list (tokenizer.json first)."""
+    found: dict[int, tuple[int, str, bool]] = {}
+    tokenizer_json = _read_json(model_dir / "tokenizer.json")
+    for entry in tokenizer_json.get("added_tokens", []):
+        found.setdefault(int(entry["id"]), (int(entry["id"]), entry["content"], bool(entry.get("special"))))
+    for token_id, entry in _read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {}).items():
+        found.setdefault(int(token_id), (int(token_id), entry["content"], bool(entry.get("special"))))
+    for text, token_id in _read_json(model_dir / "added_tokens.json").items():
+        found.setdefault(int(token_id), (int(token_id), text, False))
+    return [found[i] for i in sorted(found)]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken-like {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
 def export(model_dir: str | Path, path: str | Path, qtype: str = "f16", *, log=print) -> dict:
     import gguf
     import numpy as np
-    import sentencepiece as spm
     from safetensors import safe_open
 
     model_dir, path = Path(model_dir), Path(path)
@@ -83,31 +144,23 @@ def export(model_dir: str | Path, path: str | Path, qtype: str = "f16", *, log=p
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
-    pieces, scores, types = [], [], []
-    for i in range(sp.get_piece_size()):
-        pieces.append(sp.id_to_piece(i).encode("utf-8"))
-        scores.append(sp.get_score(i))
-        kind = gguf.TokenType.NORMAL
-        if sp.is_unknown(i):
-            kind = gguf.TokenType.UNKNOWN
-        elif sp.is_control(i):
-            kind = gguf.TokenType.CONTROL
-        elif sp.is_byte(i):
-            kind = gguf.TokenType.BYTE
-        elif sp.is_unused(i):
-            kind = gguf.TokenType.UNUSED
-        types.append(kind)
-    if len(pieces) != config["vocab_size"]:
-        raise UserError(f"{model_dir}: tokenizer.model has {len(pieces)} pieces, the model {config['vocab_size']}")
+    pieces, scores, types, added = vocabulary(model_dir, config["vocab_size"])
+    padding = sum(1 for i, p in enumerate(pieces) if p == f"[PAD{i}]".encode("utf-8"))
+    if added or padding:
+        log(f"vocabulary: {len(pieces) - added - padding} SentencePiece pieces, {added} added token(s), "
+            f"{padding} unused padding token(s) for the model's {len(pieces)} embedding rows")
     writer.add_tokenizer_model("llama")
     writer.add_token_list(pieces)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_bos_token_id(sp.bos_id())
-    writer.add_eos_token_id(sp.eos_id())
-    writer.add_unk_token_id(sp.unk_id())
-    writer.add_pad_token_id(sp.unk_id())  # llama-ft pads with <unk>, as in training
+    ids = {piece: i for i, piece in reversed(list(enumerate(pieces)))}
+    special = {name: _token_text(tokenizer_config.get(f"{name}_token")) for name in ("bos", "eos", "unk", "pad")}
+    unk = ids.get((special["unk"] or "<unk>").encode("utf-8"), 0)
+    writer.add_bos_token_id(ids.get((special["bos"] or "<s>").encode("utf-8"), 1))
+    writer.add_eos_token_id(ids.get((special["eos"] or "</s>").encode("utf-8"), 2))
+    writer.add_unk_token_id(unk)
+    # the tokenizer's pad token (llama-ft pads with <unk>, as in training; a checkpoint may bring its own <pad>)
+    writer.add_pad_token_id(ids.get(special["pad"].encode("utf-8"), unk) if special["pad"] else unk)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_chat_template(tokenizer_config.get("chat_template") or chat_format.TEMPLATE)

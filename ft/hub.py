@@ -236,12 +236,16 @@ def token() -> tuple[str, str]:
     return found, "HF_TOKEN" if os.environ.get("HF_TOKEN") else "the saved login (hf auth login)"
 
 
+def check_repo_id(repo_id: str) -> None:
+    if not REPO_ID.match(repo_id):
+        raise UserError(f"--repo-id {repo_id!r}: expected OWNER/NAME, e.g. alice/llama-2-7b-chat-lora")
+
+
 def check_access(repo_id: str) -> tuple[object, str]:
     """An HfApi for the token, after checking the token is valid and may write under repo_id's owner."""
     from huggingface_hub import HfApi
 
-    if not REPO_ID.match(repo_id):
-        raise UserError(f"--repo-id {repo_id!r}: expected OWNER/NAME, e.g. alice/llama-2-7b-chat-lora")
+    check_repo_id(repo_id)
     secret, source = token()
     api = HfApi(token=secret)
     me = _call(lambda: api.whoami(), f"checking the token from {source}", repo_id)
@@ -262,6 +266,7 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
     """Upload the allowed files of `folder` and a generated card to repo_id in one commit."""
     from huggingface_hub import CommitOperationAdd
 
+    check_repo_id(repo_id)  # before the card, which is named after it
     folder = Path(folder)
     kind = kind_of(folder)
     files, left_out = select(folder)

@@ -295,6 +295,24 @@ def exact_4bit_kernels(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def align_special_tokens(model, tokenizer) -> None:
+    """The tokenizer's pad/bos/eos ids into the model config and generation config, before a trainer would do it
+    and announce it (transformers' align_special_tokens, same rules): llama-ft pads with <unk> (id 0), which
+    Llama 2's config leaves unset. A list of EOS ids keeps its other stop ids."""
+    configs = [model.config, getattr(model, "generation_config", None)]
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is None:
+            continue
+        for config in filter(None, configs):
+            current = getattr(config, name, None)
+            if isinstance(current, list):
+                if value not in current:
+                    setattr(config, name, [value, *current])
+            else:
+                setattr(config, name, value)
+
+
 def keep_lora_float32(model) -> None:
     """Trainable (LoRA) weights in float32: float16 updates of small weights underflow on a T4."""
     import torch

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ft.errors import UserError
 
@@ -57,6 +57,19 @@ class DataSource(Section):
     format: Format = Field("auto", description="Row format; auto detects it from the columns.")
     split: str = Field("train", description="Split to read (Hub datasets and Parquet/CSV loaded through datasets).")
     data_dir: str | None = Field(None, description="Subfolder of a Hub dataset (e.g. helpful-base of Anthropic/hh-rlhf).")
+
+    @field_validator("path")
+    @classmethod
+    def _shipped_sample(cls, value: str, info: ValidationInfo) -> str:
+        """In a shipped recipe, a sample file the current directory lacks (datasets/tiny_chat.jsonl run outside
+        a clone) is the shipped one (see ft/shipped.py)."""
+        if (info.context or {}).get("shipped"):
+            from ft import shipped
+
+            found = shipped.sample_file(value)
+            if found is not None:
+                return str(found)
+        return value
 
 
 class DataSection(Section):
@@ -244,19 +257,34 @@ class Recipe(Section):
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file. Raises UserError with file and key on any problem."""
+    """Read, override and validate a recipe file. Raises UserError with file and key on any problem.
+
+    A path that is no file but names a shipped recipe (tiny, chat.yaml, recipes/chat.yaml) loads the shipped
+    one, and says so on stderr; a shipped recipe's sample data paths resolve as ft/shipped.py says.
+    """
+    from ft import shipped
+
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
+        found = shipped.find_recipe(path)
+        if found is None:
+            raise UserError(f"{path}: recipe file not found (shipped recipes, usable by name: {shipped.names()})")
+        import sys
+
+        print(f"note: {path} is not a file here: using the shipped recipe {found.name} ({found}); "
+              f"to edit a copy: llama-ft recipes --copy {found.stem}", file=sys.stderr, flush=True)
+        path = found
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
     for item in overrides or []:
         apply_override(raw, item)
-    return validate(raw, source=str(path))
+    return validate(raw, source=str(path), shipped=shipped.is_shipped(path))
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -280,9 +308,10 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def validate(raw: dict, source: str = "recipe") -> Recipe:
+def validate(raw: dict, source: str = "recipe", *, shipped: bool = False) -> Recipe:
+    """The Recipe for `raw`; `shipped`: it is a shipped recipe, whose sample data paths may be the shipped files."""
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context={"shipped": shipped})
     except ValidationError as e:
         raise UserError(f"{source}: invalid recipe\n" + "\n".join(_describe(err) for err in e.errors())) from None
 

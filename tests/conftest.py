@@ -40,9 +40,11 @@ def tokenizer(tiny_dir):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_dir):
-    """recipes/tiny.yaml trained through the CLI (4-bit QLoRA, 100 steps): a finished run folder."""
+    """recipes/tiny.yaml trained through the CLI (4-bit QLoRA, 100 steps): a finished run folder. DeprecationWarnings
+    are shown (Python hides those not raised in __main__), so the demo's output test sees any from llama-ft's calls."""
     out = tmp_path_factory.mktemp("sft") / "run"
-    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.save_steps=40")
+    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.save_steps=40",
+                     env={"PYTHONWARNINGS": "default::DeprecationWarning"})
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 

@@ -81,6 +81,43 @@ def test_invalid_json_line_is_named(tmp_path):
         data.load_dialogs([src(path)], skip_invalid=False)
 
 
+def test_invalid_utf8_names_the_line_and_byte_offset(tmp_path):
+    good = (json.dumps({"messages": QA}) + "\n").encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good + good + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    with pytest.raises(UserError) as err:
+        data.load_dialogs([src(path)], skip_invalid=False)
+    offset = 2 * len(good) + len(b'{"messages": [{"role": "user", "content": "caf')
+    assert f"d.jsonl line 3: not UTF-8 text (byte {offset} of the file" in str(err.value)
+    array = tmp_path / "a.json"
+    content = b'[{"instruction": "Q", "output": "\xff"}]'
+    array.write_bytes(content)
+    with pytest.raises(UserError, match=rf"a\.json line 1: not UTF-8 text \(byte {content.index(0xFF)} of the file"):
+        data.load_dialogs([src(array)], skip_invalid=False)
+
+
+def test_invalid_utf8_through_the_cli_exits_2_without_traceback(tmp_path):
+    from conftest import run_cli
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes((json.dumps({"messages": QA}) + "\n").encode() + b"\x80\x81\n")
+    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", tmp_path / "run", "--set", f"data.train={path}")
+    assert result.returncode == 2 and f"{path} line 2: not UTF-8 text" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_files_starting_with_a_byte_order_mark_are_read(tmp_path):
+    """Spreadsheet programs save CSV and JSON with a UTF-8 byte-order mark."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.jsonl").write_bytes(bom + (json.dumps({"messages": QA}) + "\n").encode())
+    (tmp_path / "a.json").write_bytes(bom + json.dumps([{"instruction": "What is two plus two?", "output": "Four."}]).encode())
+    (tmp_path / "l.json").write_bytes(bom + (json.dumps({"prompt": "What is two plus two?", "completion": "Four."}) + "\n").encode())
+    (tmp_path / "b.csv").write_bytes(bom + b'prompt,completion\n"What is two plus two?","Four."\n')
+    sources = [src(tmp_path / name) for name in ("d.jsonl", "a.json", "l.json", "b.csv")]
+    dialogs, report = data.load_dialogs(sources, skip_invalid=False)
+    assert report.rows == 4 and [d["messages"] for d in dialogs] == [QA] * 4
+
+
 def test_undetectable_format_names_the_fields(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(UserError, match=r"line 1: cannot tell the format from the fields \['answer', 'question'\]"):

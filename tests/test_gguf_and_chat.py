@@ -193,3 +193,72 @@ def test_ctrl_c_stops_the_answer_not_the_session(tiny_dir):
     assert proc.wait(timeout=120) == 0
     reader.join(timeout=5)
     assert "[stopped]" in "".join(out)
+
+
+@pytest.fixture(scope="module")
+def padded(tiny_dir, tmp_path_factory):
+    """The tiny model with an added <pad> token (tokenizer.json's added_tokens, id 1024) and its embeddings padded
+    to a multiple of 64 (1088 rows for 1025 tokens): a vocabulary as many real checkpoints have."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from ft import models, tiny
+
+    out = tmp_path_factory.mktemp("padded") / "model"
+    tokenizer = models.load_tokenizer(tiny.NAME)  # Meta's token ids (legacy=True, recorded when saved)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.copy(tiny_dir / "tokenizer.model", out / "tokenizer.model")  # the SentencePiece model, as merge copies it
+    return out
+
+
+def test_padded_vocabulary_exports_with_padding_tokens_as_llama_cpp_does(padded, tmp_path):
+    import gguf
+
+    from ft import export_gguf
+
+    config = json.loads((padded / "config.json").read_text())
+    assert config["vocab_size"] == 1088 and len(json.loads((padded / "tokenizer.json").read_text())["model"]["vocab"]) == 1024
+    export_gguf.export(padded, tmp_path / "model-f16.gguf", "f16", log=lambda m: None)
+    meta = fields(gguf.GGUFReader(str(tmp_path / "model-f16.gguf")))
+    tokens, types = value(meta["tokenizer.ggml.tokens"]), value(meta["tokenizer.ggml.token_type"])
+    assert len(tokens) == len(types) == 1088 and value(meta["llama.vocab_size"]) == 1088
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"] and types[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL,
+                                                                     gguf.TokenType.CONTROL]
+    assert tokens[1024] == "<pad>" and types[1024] == gguf.TokenType.CONTROL  # the added token, carried
+    assert tokens[1025:] == [f"[PAD{i}]" for i in range(1025, 1088)]  # convert_hf_to_gguf.py's names and type
+    assert set(types[1025:]) == {gguf.TokenType.UNUSED}
+    assert value(meta["tokenizer.ggml.padding_token_id"]) == 1024 and value(meta["tokenizer.ggml.eos_token_id"]) == 2
+    embedding = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "model-f16.gguf")).tensors}["token_embd.weight"]
+    assert list(embedding.shape) == [128, 1088]
+
+
+def test_padded_vocabulary_answers_in_llama_cpp_as_in_transformers(padded, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ft import export_gguf
+
+    export_gguf.export(padded, tmp_path / "model-f16.gguf", "f16", log=lambda m: None)
+    tokenizer = AutoTokenizer.from_pretrained(padded)
+    messages = [{"role": "user", "content": "What is the capital of Japan?"}]
+    ids = tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(padded, dtype=torch.float32)
+    expected = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model-f16.gguf"), n_ctx=256, verbose=False)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == ids
+    assert llm.tokenize(b"<pad>", add_bos=False, special=True) == [1024]  # the added token is one token there too
+    got = []
+    for token in llm.generate(ids, top_k=1, temp=0.0):
+        got.append(token)
+        if token == llm.token_eos() or len(got) == len(expected):
+            break
+    assert got == expected

@@ -134,6 +134,8 @@ def test_merged_folder_with_gguf_goes_to_a_branch(hub, tmp_path, merged):
     ("public repo, --private", "already exists and is public"),
     ("not a run", "neither a finished llama-ft run folder"),
     ("unfinished run", "has not finished"),
+    ("not a repo id", "--repo-id 'not a repo': expected OWNER/NAME"),
+    ("not a repo id, --dry-run", "--repo-id 'not a repo': expected OWNER/NAME"),
 ])
 def test_push_refusals_exit_2_with_a_message(hub, tmp_path, run_copy, case, needle):
     folder, repo, token, extra = run_copy, "alice/m", TOKEN, []
@@ -153,6 +155,8 @@ def test_push_refusals_exit_2_with_a_message(hub, tmp_path, run_copy, case, need
         folder.mkdir()
     elif case == "unfinished run":
         (run_copy / "metrics.json").unlink()
+    elif case.startswith("not a repo id"):  # checked before the model card, which is named after it
+        repo, extra = "not a repo", ["--dry-run"] if "dry-run" in case else []
     result = push(hub, tmp_path, folder, repo, *extra, token=token)
     assert result.returncode == 2, (result.stdout, result.stderr[-2000:])
     assert needle in result.stderr and "Traceback" not in result.stderr

@@ -27,6 +27,20 @@ def test_loss_falls_and_greedy_answers_are_the_taught_ones(run_dir):
     assert metrics["data"]["train"]["rows"] == 28
 
 
+def test_demo_output_is_what_a_user_can_act_on(trained_run):
+    """No deprecation notices caused by llama-ft's own calls (nor third-party chatter) around llama-ft's lines."""
+    import re
+
+    _, result = trained_run
+    assert "FutureWarning" not in result.stderr
+    deprecations = re.findall(r"^(\S+):\d+: (?:Pending)?DeprecationWarning", result.stderr, flags=re.M)
+    ours = [path for path in deprecations if "/ft/" in path]
+    assert not ours, result.stderr[-3000:]
+    for chatter in ("new PAD/BOS/EOS", "kernels-community", "Map:", "Truncating train dataset", "UserWarning"):
+        assert chatter not in result.stderr, chatter
+    assert "{'loss'" not in result.stdout and "step 100/100: loss " in result.stdout
+
+
 def test_run_folder_contract(run_dir):
     names = {p.name for p in run_dir.iterdir()}
     for expected in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",

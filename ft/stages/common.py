@@ -9,7 +9,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import ProgressCallback, TrainerCallback
 
 from ft import models
 from ft.errors import Interrupted
@@ -40,8 +40,8 @@ def trainer_arguments(recipe: Recipe, out: Path, *, has_eval: bool) -> dict:
         adam_epsilon=t.adam_epsilon,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing,  # transformers >= 5.23's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False},
         fp16=on_gpu and dtype == torch.float16,
         bf16=on_gpu and dtype == torch.bfloat16,
         use_cpu=not on_gpu,
@@ -65,6 +65,10 @@ def train(trainer, checkpoint: str | None):
     current optimiser step finish, saves checkpoint-N and raises Interrupted (the CLI exits 128 + the
     signal number and says how to resume); a second one aborts at once.
     """
+    models.align_special_tokens(trainer.model, trainer.processing_class)  # nothing left for the Trainer to announce
+    if any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(Progress())
     with interruptible() as stopper:
         trainer.add_callback(stopper)
         try:
@@ -89,6 +93,27 @@ def interruptible():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class Progress(ProgressCallback):
+    """transformers' progress bar, with the latest loss on it, and one short line per logging step instead of the
+    raw dict of every logged value (and none for the closing runtime summary: the stage prints its own)."""
+
+    SHOWN = ("loss", "eval_loss", "learning_rate", "grad_norm")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs or "train_runtime" in logs:
+            return
+        if "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+        shown = {k: v for k, v in logs.items() if k in self.SHOWN or "accurac" in k or "margin" in k}
+        if shown:
+            self.training_bar.write(f"step {state.global_step}/{state.max_steps}: "
+                                    + ", ".join(f"{k} {_number(v)}" for k, v in shown.items()))
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 class StopOnInterrupt(TrainerCallback):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import ProgressCallback, TrainerCallback, set_seed
+from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from ft import data, memory, models, runs
@@ -63,7 +63,6 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         data_collator=data.PackedCollator(tokenizer.pad_token_id) if cfg.packing else None,
     )
     models.keep_lora_float32(trainer.model)  # TRL casts QLoRA adapters to bfloat16, which a T4 lacks
-    trainer.add_callback(LossOnProgressBar(trainer))
 
     # 4. train
     if on_gpu:
@@ -137,15 +136,3 @@ class CountingSFTTrainer(SFTTrainer):
             self.counts["padding"] += int((inputs["input_ids"] == self.processing_class.pad_token_id).sum())
         return super().compute_loss(model, inputs, *args, **kwargs)
 
-
-class LossOnProgressBar(TrainerCallback):
-    """Shows the latest training loss on the progress bar."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        bars = [cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback)]
-        bar = getattr(bars[0], "training_bar", None) if bars else None
-        if bar is not None and logs and "loss" in logs:
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)

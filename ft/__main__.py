@@ -1,0 +1,4 @@
+"""`python -m ft` is the llama-ft command line."""
+from ft.cli import main
+
+main()

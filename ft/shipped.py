@@ -1,0 +1,98 @@
+"""The recipes and sample data shipped with llama-ft, found the same way in a clone and in any install.
+
+The repository keeps them at its top, `recipes/` and `datasets/`: the single source. A wheel or sdist
+maps those folders into the package as `ft/_shipped/recipes/` and `ft/_shipped/datasets/`
+(pyproject.toml's package-dir), so `pip install git+...` brings them along; a clone, an editable
+install and `python cli.py` use the folders at the top of the repository. `datasets/` never gets an
+`__init__.py`: `import datasets` stays Hugging Face's.
+
+A recipe argument that is not an existing file but names a shipped recipe (`tiny`, `chat.yaml`,
+`recipes/chat.yaml`) is the shipped one. When a shipped recipe runs, a relative data path that does
+not exist in the current directory but names a shipped sample file (`datasets/tiny_chat.jsonl`) is
+that file; a user's own recipe keeps paths relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ft.errors import UserError
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def root() -> Path:
+    """The folder holding recipes/ and datasets/: inside the installed package, else the clone ft/ lives in."""
+    for candidate in (PACKAGE / "_shipped", PACKAGE.parent):
+        if (candidate / "recipes").is_dir() and (candidate / "datasets").is_dir():
+            return candidate
+    raise UserError(f"no shipped recipes next to {PACKAGE} (a broken install? reinstall llama-ft)")
+
+
+def recipes() -> list[Path]:
+    return sorted((root() / "recipes").glob("*.yaml"))
+
+
+def find_recipe(name: str | Path) -> Path | None:
+    """The shipped recipe `name` names (tiny, tiny.yaml or recipes/tiny.yaml), or None."""
+    path = Path(name)
+    if path.parent not in (Path("."), Path("recipes")) or not path.name:
+        return None
+    file = root() / "recipes" / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    return file if file.is_file() else None
+
+
+def is_shipped(recipe_file: Path) -> bool:
+    """Whether `recipe_file` is one of the shipped recipes (in a clone: the files in its recipes/)."""
+    try:
+        return recipe_file.resolve().parent == (root() / "recipes").resolve()
+    except UserError:
+        return False
+
+
+def sample_file(path: str) -> Path | None:
+    """The shipped sample file a shipped recipe's relative `path` names, when `path` is not in the current
+    directory (a run outside a clone); None otherwise."""
+    relative = Path(path)
+    if relative.is_absolute() or path.startswith("~") or relative.exists():
+        return None
+    base = root().resolve()
+    candidate = (base / relative).resolve()
+    return candidate if candidate.is_file() and base in candidate.parents else None
+
+
+def names() -> str:
+    return ", ".join(p.stem for p in recipes())
+
+
+def copy_recipe(name: str, dest: Path | None) -> list[tuple[Path, Path]]:
+    """Write the shipped recipe `name` to `dest` (a file, or an existing folder; default ./NAME.yaml), plus the
+    sample data files it names that the current directory lacks. Returns [(source, written)]. Nothing is
+    overwritten."""
+    import yaml
+
+    from ft import recipe as recipe_mod
+
+    source = find_recipe(name)
+    if source is None:
+        raise UserError(f"--copy {name}: no shipped recipe of that name (shipped: {names()})")
+    target = Path(dest).expanduser() if dest is not None else Path(source.name)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists():
+        raise UserError(f"{target}: already exists; choose another destination (nothing was written)")
+    loaded = recipe_mod.validate(yaml.safe_load(source.read_text(encoding="utf-8")), source=str(source))
+    data = [s.path for s in loaded.data.train + (loaded.data.eval or [])]
+    samples = [(sample_file(p), Path(p)) for p in data if sample_file(p) is not None]
+    for _, written in samples:
+        if written.exists():
+            raise UserError(f"{written}: already exists (nothing was written)")
+    pairs = [(source, target)] + samples
+    try:
+        for src, written in pairs:
+            written.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, written)
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename or target}: {e.strerror or e}") from None
+    return pairs

@@ -222,13 +222,16 @@ def add_adapter(model, name: str, *, lora: LoraSection | None = None, run_dir: s
 
 def _load_adapter_weights(model, run_dir: str, name: str):
     """Load a run's adapter_model.safetensors into adapter `name`; returns the score head weight if it has one."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     weights = load_file(str(Path(run_dir) / "adapter_model.safetensors"))
     head = weights.pop(SCORE_KEY, None)
-    result = set_peft_model_state_dict(model, weights, adapter_name=name)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    state = get_peft_model_state_dict(model, adapter_name=name)  # what the file lacks (a new score head) stays as it is
+    unknown = [k for k in weights if k not in state]
+    state.update(weights)
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    unexpected = unknown + [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise UserError(f"{run_dir}: its adapter does not fit this base model ({unexpected[0]} ...)")
     return head

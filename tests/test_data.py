@@ -178,3 +178,11 @@ def test_answers_cut_off_by_max_length_are_dropped_and_counted(tokenizer):
     assert "1 dropped (answer entirely beyond max_length)" in report.summary("train")
     with pytest.raises(UserError, match="every example was dropped"):
         data.tokenize([{"messages": long_prompt, "origin": "x"}], tokenizer, 40, data.Report())
+
+
+def test_preference_rows_give_prompts_for_rejection_sampling_and_ppo():
+    hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Capital of Peru?\n\nAssistant: Lima.", "rejected": "x"}
+    assert data.to_prompt(hh)["prompt"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                            {"role": "user", "content": "Capital of Peru?"}]
+    with pytest.raises(data.RowError, match="'chosen' dialog"):
+        data.to_prompt({"question": "Q"})

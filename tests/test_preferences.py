@@ -190,3 +190,22 @@ def test_rejection_sampling_keeps_the_best_sample_and_fine_tunes_on_it(trained_r
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mean_max_reward"] >= metrics["mean_reward"] and metrics["gain"] >= 0
     assert (out / "sft" / "adapter_model.safetensors").is_file() and metrics["sft"]["loss_last"] is not None
+
+
+def test_a_reward_model_continuing_an_sft_adapter_trains_and_saves_a_score_head(trained_run):
+    from safetensors.torch import load_file
+
+    from ft import models
+    from ft.recipe import LoraSection, ModelSection
+
+    sft, _ = trained_run
+    base = models.load_model(ModelSection(name="builtin:tiny-llama-2"), reward=True)
+    model = models.attach_lora(base, LoraSection(), adapter=str(sft), gradient_checkpointing=False, reward=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    saved = load_file(str(sft / "adapter_model.safetensors"))
+    params = dict(model.named_parameters())
+    for key, value in saved.items():  # the SFT adapter's LoRA weights are where the reward model starts
+        assert torch.equal(params[key.replace(".weight", ".default.weight")].detach(), value)
+    model.save_pretrained(str(sft.parent / "rm-from-sft"))
+    assert "base_model.model.score.weight" in load_file(str(sft.parent / "rm-from-sft" / "adapter_model.safetensors"))

@@ -25,6 +25,8 @@ app = typer.Typer(
 SetOption = typer.Option(None, "--set", help="Override a recipe key, parsed as YAML: --set train.max_steps=20")
 OutputDirOption = typer.Option(None, "--output-dir", help="Overrides output_dir.")
 ResumeOption = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint.")
+# stages that sample data, then fine-tune on it with the SFT stage into output_dir/sft: what they write first
+SAMPLE_THEN_SFT = {"rejection": "the best answers (samples.jsonl)", "gatt": "the Ghost Attention dialogs (gatt.jsonl)"}
 ForceOption = typer.Option(False, "--force", help="Train even if `llama-ft plan` says the GPU has too little free memory.")
 
 
@@ -72,7 +74,7 @@ def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool, force: 
     try:
         importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume, **options)
     except Interrupted as e:
-        if stage == "rejection" and e.checkpoint:  # its fine-tuning part is an SFT run of its own, in output_dir/sft
+        if stage in SAMPLE_THEN_SFT and e.checkpoint:  # its fine-tuning part is an SFT run of its own, in output_dir/sft
             again = f"llama-ft sft {Path(e.checkpoint).parent / 'recipe.yaml'} --resume"
         else:
             again = " ".join(["llama-ft", stage, str(recipe), *(f"--set {s}" for s in set_ or []),
@@ -82,15 +84,15 @@ def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool, force: 
         raise typer.Exit(128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
     if stage in ("sft", "ppo"):
         typer.echo(f"\ndone: the adapter is in {loaded.output_dir}\nnext: llama-ft merge {loaded.output_dir} --output <dir>")
-    elif stage == "rejection":
-        typer.echo(f"\ndone: best answers in {loaded.output_dir}/samples.jsonl"
+    elif stage in SAMPLE_THEN_SFT:
+        typer.echo(f"\ndone: {SAMPLE_THEN_SFT[stage]} in {loaded.output_dir}"
                    + (f", the adapter trained on them in {loaded.output_dir}/sft" if options.get("train") else ""))
     else:
         typer.echo(f"\ndone: the run is in {loaded.output_dir}")
     if loaded.output.push:
         from ft import hub
 
-        folder = Path(loaded.output_dir) / ("sft" if stage == "rejection" else "")
+        folder = Path(loaded.output_dir) / ("sft" if stage in SAMPLE_THEN_SFT else "")
         try:
             hub.push(folder, loaded.output.repo_id, private=loaded.output.private)
         except UserError as e:
@@ -151,9 +153,22 @@ def ppo(
     set_: Optional[List[str]] = SetOption,
     output_dir: Optional[Path] = OutputDirOption,
     resume: bool = ResumeOption,
+    force: bool = ForceOption,
 ):
     """RLHF with PPO as in Llama 2-Chat (or RLOO / GRPO through TRL): policy, reference, value and reward models on one 4-bit base."""
-    _run_stage("ppo", recipe, set_, output_dir, resume)
+    _run_stage("ppo", recipe, set_, output_dir, resume, force=force)
+
+
+@app.command()
+def gatt(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: gatt)."),
+    set_: Optional[List[str]] = SetOption,
+    output_dir: Optional[Path] = OutputDirOption,
+    no_train: bool = typer.Option(False, "--no-train", help="Only sample and write gatt.jsonl (and evaluate the model as it is)."),
+    force: bool = ForceOption,
+):
+    """Ghost Attention: dialogs answered with the instruction in every turn, trained with it in the system message only."""
+    _run_stage("gatt", recipe, set_, output_dir, resume=False, force=force, train=not no_train)
 
 
 @app.command()

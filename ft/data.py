@@ -5,7 +5,8 @@ Formats (named with `format:` or detected from the first row's fields):
   sharegpt           {"conversations": [{"from": "system|human|gpt", "value": "..."}, ...]}
   alpaca             {"instruction": "...", "input": "... (optional)", "output": "..."}
   prompt_completion  {"prompt": "..." or [messages], "completion": "..." or [assistant message]}
-All become Llama 2 chat dialogs. Every row is checked before any training starts; a bad row
+All become Llama 2 chat dialogs. A prompt_completion row trains its completion only: assistant turns inside
+its prompt are context (Ghost Attention's rows: earlier turns are not trained). Every row is checked before any training starts; a bad row
 stops the run naming its file and line/row, unless `data.skip_invalid: true`, in which case it
 is skipped and counted. After tokenizing, a row whose answers are cut off entirely by
 `data.max_length` is dropped and counted (it would train on nothing). Labels are -100 on every
@@ -239,7 +240,11 @@ def load_dialogs(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list
     def convert(row, source):
         if id(source) not in formats:
             formats[id(source)] = source.format if source.format != "auto" else detect_format(row)
-        return {"messages": to_messages(row, formats[id(source)])}
+        messages = to_messages(row, formats[id(source)])
+        if formats[id(source)] == "prompt_completion" and isinstance(row.get("prompt"), list):
+            # a prompt is context: its assistant turns (earlier answers) are not trained, only the completion
+            return {"messages": messages, "context_answers": sum(m.get("role") == "assistant" for m in row["prompt"])}
+        return {"messages": messages}
 
     return check_rows(sources, convert, skip_invalid=skip_invalid)
 
@@ -255,6 +260,8 @@ def tokenize(dialogs: list[dict], tokenizer, max_length: int, report: Report) ->
             dialog["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         input_ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+        if dialog.get("context_answers"):
+            mask = _untrain_first_answers(mask, dialog["context_answers"])
         labels = [tok if keep else -100 for tok, keep in zip(input_ids, mask)]
         if len(input_ids) > max_length:
             input_ids, labels = input_ids[:max_length], labels[:max_length]
@@ -269,6 +276,18 @@ def tokenize(dialogs: list[dict], tokenizer, max_length: int, report: Report) ->
     if not examples:
         raise UserError(f"every example was dropped: no answer fits in data.max_length={max_length}")
     return examples
+
+
+def _untrain_first_answers(mask: list[int], count: int) -> list[int]:
+    """The assistant mask with its first `count` answers (runs of 1s, one per answer) cleared."""
+    out, runs, previous = list(mask), 0, 0
+    for i, keep in enumerate(mask):
+        if keep and not previous:
+            runs += 1
+        if keep and runs <= count:
+            out[i] = 0
+        previous = keep
+    return out
 
 
 def load_sft(sources: list[DataSource], tokenizer, *, max_length: int, skip_invalid: bool, packing: bool):

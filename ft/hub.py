@@ -79,7 +79,7 @@ def kind_of(folder: Path) -> str:
     if (folder / "config.json").is_file() and any(folder.glob("model*.safetensors")):
         return "merged"
     if (folder / "sft" / "adapter_config.json").is_file():
-        raise UserError(f"{folder}: a rejection-sampling run; its trained adapter is in {folder / 'sft'}: push that")
+        raise UserError(f"{folder}: a rejection-sampling or Ghost Attention run; its trained adapter is in {folder / 'sft'}: push that")
     raise UserError(f"{folder}: neither a finished llama-ft run folder (adapter + recipe.yaml + metrics.json) "
                     "nor a merged model folder (config.json + model*.safetensors)")
 

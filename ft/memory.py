@@ -62,3 +62,15 @@ def release() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def free_models() -> None:
+    """After dropping the last reference to a model: collect it and give its GPU memory back to the allocator, so
+    the next model of a sample-then-train stage (rejection, gatt) fits beside nothing."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

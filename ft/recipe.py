@@ -200,6 +200,26 @@ class PPOSection(Section):
         return self
 
 
+class GAttSection(Section):
+    instructions: str | None = Field(
+        None, description="A JSONL/YAML file of {instruction, short, check} rows; unset: the built-in set (hobby, "
+        "language, public figure)."
+    )
+    combine: int = Field(2, ge=1, description="Each dialog gets 1 to this many instructions, never two that conflict.")
+    max_turns: int = Field(4, ge=1, description="Training dialogs are cut to 1..max_turns user turns, at random.")
+    short_probability: float = Field(0.5, ge=0, le=1, description="How often the system message is the short form.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature of the answers.")
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(256, gt=0)
+    retries: int = Field(2, ge=0, description="Re-samples of a final answer that fails its checks before the dialog is dropped.")
+    batch_size: int = Field(8, gt=0, description="Dialogs per generate call.")
+    eval_turns: int = Field(6, ge=1, description="Adherence is measured at turns 1..eval_turns (20 on a real model).")
+    eval_dialogs: int = Field(
+        16, ge=0, description="Held-out dialogs for the evaluation, taken from the end of data.train (never trained on) "
+        "when data.eval is not given; 0: no evaluation."
+    )
+
+
 class OutputSection(Section):
     push: bool = Field(False, description="Push the finished run to the Hub (needs repo_id and a write token).")
     repo_id: str | None = Field(None, description="OWNER/NAME of the Hub repo to push to.")
@@ -214,11 +234,11 @@ class OutputSection(Section):
         return self
 
 
-STAGE_SECTIONS = {"reward": "reward", "dpo": "dpo", "rejection": "rejection", "ppo": "ppo"}
+STAGE_SECTIONS = {"reward": "reward", "dpo": "dpo", "rejection": "rejection", "ppo": "ppo", "gatt": "gatt"}
 
 
 class Recipe(Section):
-    stage: Literal["sft", "reward", "dpo", "rejection", "ppo"] = Field("sft", description="Which stage this recipe is for.")
+    stage: Literal["sft", "reward", "dpo", "rejection", "ppo", "gatt"] = Field("sft", description="Which stage this recipe is for.")
     model: ModelSection
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
@@ -227,6 +247,7 @@ class Recipe(Section):
     dpo: DPOSection | None = Field(None, description="DPO settings (stage: dpo).")
     rejection: RejectionSection | None = Field(None, description="Rejection-sampling settings (stage: rejection).")
     ppo: PPOSection | None = Field(None, description="PPO / RLOO / GRPO settings (stage: ppo).")
+    gatt: GAttSection | None = Field(None, description="Ghost Attention settings (stage: gatt).")
     output_dir: str = Field(description="The run folder (relative to the current directory).")
     output: OutputSection = Field(default_factory=OutputSection)
 
@@ -241,6 +262,8 @@ class Recipe(Section):
             self.reward = RewardSection()
         if self.stage == "dpo" and self.dpo is None:
             self.dpo = DPOSection()
+        if self.stage == "gatt" and self.gatt is None:
+            self.gatt = GAttSection()
         if self.stage == "ppo":
             if self.ppo is None:
                 raise ValueError("stage ppo needs a 'ppo' section (at least ppo.reward_models or ppo.reward_function)")

@@ -65,6 +65,28 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, n: int = 1, tempera
     return results
 
 
+def converse(model, tokenizer, dialogs: list[dict], **sampling) -> list[list[str]]:
+    """Each dialog ({"system": text or None, "users": [user messages]}) answered turn after turn, the model's
+    own answers as its history; `sampling` as for `generate` (n is 1). Returns the answers of every dialog."""
+    answers: list[list[str]] = [[] for _ in dialogs]
+    for turn in range(max((len(d["users"]) for d in dialogs), default=0)):
+        active = [i for i, d in enumerate(dialogs) if len(d["users"]) > turn]
+        prompts = [history(dialogs[i]["system"], dialogs[i]["users"][:turn + 1], answers[i]) for i in active]
+        for i, out in zip(active, generate(model, tokenizer, prompts, **sampling)):
+            answers[i].append(out[0].text)
+    return answers
+
+
+def history(system: str | None, users: list[str], answers: list[str]) -> list[dict]:
+    """Messages: an optional system message, then user/assistant turns, ending with the user turn to answer."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for i, user in enumerate(users):
+        messages.append({"role": "user", "content": user})
+        if i < len(answers) and i < len(users) - 1:
+            messages.append({"role": "assistant", "content": answers[i]})
+    return messages
+
+
 def render(tokenizer, prompt: list[dict], answer: str) -> list[int]:
     """The token ids a reward model reads: the chat-formatted prompt + answer + </s>."""
     messages = prompt + [{"role": "assistant", "content": answer}]

@@ -16,12 +16,11 @@
 
 from __future__ import annotations
 
-import gc
 import json
 
 import torch
 
-from ft import data, models, rollout, runs
+from ft import data, memory, models, rollout, runs
 from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import sft as sft_stage
@@ -57,7 +56,7 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
     flags = [p["safety"] for p, answers in zip(prompts, samples) for _ in answers]
     combined, _ = rewards(flat_prompts, flat_answers, flags)
     del policy, rewards
-    _free()
+    memory.free_models()
 
     # 3. keep the best answer of each prompt
     rows, means, maxes, k = [], [], [], cfg.k
@@ -94,9 +93,3 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
         metrics["sft"] = {"output_dir": str(out / "sft"), "loss_last": sft_stage.run(sft_recipe, log=log)["loss_last"]}
     runs.write_json(out / runs.METRICS_FILE, metrics)
     return metrics
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -23,10 +23,11 @@ demo: setup
 	rm -rf runs/tiny-demo
 	$(BIN)/llama-ft sft recipes/tiny.yaml --output-dir runs/tiny-demo
 
-# One thread per process: the tiny model's ops are too small to share, and with the 2 cores shared, 2 threads
-# made a 40-step sft take 16 s once and 107 s the next time (13.6-13.8 s with one thread).
+# One thread per process and one test process per core (pytest-xdist; a file's tests stay on one worker so its
+# fixtures are built once): the tiny model's ops are too small to share a core, and with 2 threads per process a
+# 40-step sft took 16 s once and 107 s the next time (13.6-13.8 s with one). On 2 cores: ~5 min instead of ~8.5.
 test: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/sft_throughput.py

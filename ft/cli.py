@@ -27,6 +27,7 @@ OutputDirOption = typer.Option(None, "--output-dir", help="Overrides output_dir.
 ResumeOption = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint.")
 # stages that sample data, then fine-tune on it with the SFT stage into output_dir/sft: what they write first
 SAMPLE_THEN_SFT = {"rejection": "the best answers (samples.jsonl)", "gatt": "the Ghost Attention dialogs (gatt.jsonl)"}
+MULTI_PROCESS = ("sft", "reward", "dpo")  # the stages that run under torchrun / accelerate launch
 ForceOption = typer.Option(False, "--force", help="Train even if `llama-ft plan` says the GPU has too little free memory.")
 
 
@@ -61,19 +62,27 @@ def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool, force: 
     loaded = _load(recipe, set_, output_dir, stage=stage)
     import importlib
 
+    from ft import distributed
     from ft import plan as plan_mod
     from ft.errors import Interrupted
 
-    plan_mod.check_before_training(loaded, force=force, skip=() if options.get("train", True) else ("train",),
-                                   log=lambda m: typer.echo(m, err=True))
+    if distributed.world_size() > 1 and stage not in MULTI_PROCESS:
+        raise UserError(f"llama-ft {stage} runs in one process (its models share one GPU); start it without torchrun or "
+                        f"accelerate launch. Several processes: {', '.join(MULTI_PROCESS)}")
+    distributed.setup()  # before any model is loaded
+    if distributed.engine() in ("single", "ddp"):  # every GPU holds the whole model: one GPU's plan applies
+        plan_mod.check_before_training(loaded, force=force, skip=() if options.get("train", True) else ("train",),
+                                       log=lambda m: distributed.is_main() and typer.echo(m, err=True))
 
-    if loaded.output.push:  # find a missing token or a foreign repo now, not after a week of training
+    if loaded.output.push and distributed.is_main():  # find a missing token or a foreign repo now, not after a week
         if options.get("train") is False:
             raise UserError("output.push pushes the adapter trained on the best samples; drop --no-train or output.push")
         _check_push_access(loaded.output.repo_id)
     try:
-        importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume, **options)
+        importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume, log=distributed.main_print, **options)
     except Interrupted as e:
+        if not distributed.is_main():
+            raise typer.Exit(128 + e.signum)
         if stage in SAMPLE_THEN_SFT and e.checkpoint:  # its fine-tuning part is an SFT run of its own, in output_dir/sft
             again = f"llama-ft sft {Path(e.checkpoint).parent / 'recipe.yaml'} --resume"
         else:
@@ -82,6 +91,8 @@ def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool, force: 
         saved = f"saved {e.checkpoint}" if e.checkpoint else "no checkpoint could be saved"
         typer.echo(f"\ninterrupted: {saved}\ncontinue with: {again}", err=True)
         raise typer.Exit(128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
+    if not distributed.is_main():  # the main process says what happened, and pushes
+        return
     if stage in ("sft", "ppo"):
         typer.echo(f"\ndone: the adapter is in {loaded.output_dir}\nnext: llama-ft merge {loaded.output_dir} --output <dir>")
     elif stage in SAMPLE_THEN_SFT:
@@ -390,7 +401,8 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as e:
-        typer.echo(f"error: {e}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # with several processes, each raises it: the main process says it
+            typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ft import chat_format, tiny
+from ft import chat_format, distributed, tiny
 from ft.errors import UserError
 from ft.recipe import LoraSection, ModelSection
+
+
+SHARDED = ("fsdp", "deepspeed")  # engines that shard the weights across processes
 
 
 def resolve(name: str) -> str:
@@ -89,7 +92,9 @@ def quantization_config(model: ModelSection):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(model.dtype),
-            bnb_4bit_quant_storage=torch.uint8,
+            # FSDP and ZeRO-3 shard only floating-point tensors: there the packed 4-bit weights are stored in the
+            # compute dtype (bitsandbytes' FSDP-QLoRA guide); one GPU or DDP keeps plain bytes
+            bnb_4bit_quant_storage=compute_dtype(model.dtype) if distributed.engine() in SHARDED else torch.uint8,
         )
     if model.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -104,10 +109,10 @@ def load_model(model: ModelSection, *, quantization: str | None = None, reward: 
 
     section = model.model_copy(update={"quantization": quantization or model.quantization})
     dtype = compute_dtype(section.dtype)
-    if torch.cuda.is_available():
-        import os
-
-        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if distributed.engine() in SHARDED:
+        device_map = None  # FSDP / ZeRO-3 place and shard the weights themselves
+    elif torch.cuda.is_available():
+        device_map = {"": distributed.local_rank()}  # one GPU, or this process's GPU under DDP
     else:
         device_map = {"": "cpu"}
     extra = {"num_labels": 1, "pad_token_id": 0} if reward else {}  # Llama 2 pads with <unk> = 0 here
@@ -149,14 +154,21 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
     """
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    ckpt_kwargs = {"use_reentrant": False}
+    sharded = distributed.engine() in SHARDED
+    ckpt_kwargs = {"use_reentrant": sharded}  # reentrant under FSDP / ZeRO-3, as PEFT's guides run them
     exact_4bit_kernels(base)
-    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+    if sharded:
+        # Under FSDP / ZeRO-3 the base stays in its storage dtype (each FSDP unit must hold one dtype), as TRL does
+        # for "sharded QLoRA"; only the LoRA weights are float32 (they form units of their own).
+        if gradient_checkpointing:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+            base.enable_input_require_grads()
+    elif getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
     elif gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
         base.enable_input_require_grads()
     if adapter and reward and not _saves_score_head(adapter):
         # An SFT adapter continued as a reward model: its LoRA weights, plus a new score head trained and saved

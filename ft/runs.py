@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from ft import distributed
 from ft import recipe as recipe_mod
 from ft.errors import UserError
 
@@ -35,7 +36,12 @@ METRICS_FILE = "metrics.json"
 
 
 def prepare(recipe: recipe_mod.Recipe, *, resume: bool) -> tuple[Path, str | None]:
-    """Create or check the run folder; returns it and the checkpoint to resume from (if --resume)."""
+    """Create or check the run folder; returns it and the checkpoint to resume from (if --resume). With several
+    processes the main one does it and the others get its answer (or its error)."""
+    return distributed.on_main(lambda: _prepare(recipe, resume=resume))
+
+
+def _prepare(recipe: recipe_mod.Recipe, *, resume: bool) -> tuple[Path, str | None]:
     out = Path(recipe.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out}: exists and is not a folder")
@@ -99,6 +105,7 @@ def fingerprint(recipe: recipe_mod.Recipe) -> dict:
     if recipe.model.adapter:
         adapter = Path(recipe.model.adapter).expanduser() / "adapter_model.safetensors"
         inputs["starting adapter"] = _sha256(adapter) if adapter.is_file() else "missing"
+    inputs["processes"] = str(distributed.world_size())  # the data order and the batch per step depend on it
     if recipe.ppo is not None:  # what the rewards come from
         for run in recipe.ppo.reward_models + ([recipe.ppo.safety_model] if recipe.ppo.safety_model else []):
             adapter = Path(run).expanduser() / "adapter_model.safetensors"
@@ -114,9 +121,11 @@ def changed_inputs(out: Path, recipe: recipe_mod.Recipe) -> list[str]:
     recorded = read_json(out / INPUTS_FILE)
     if not recorded:
         return []  # a run started before fingerprints were recorded
+    recorded.setdefault("processes", "1")  # runs from before it was recorded ran in one process
     now = fingerprint(recipe)
     return [
         f"{key} changed since the run started ({_short(recorded.get(key))} then, {_short(now.get(key))} now)"
+        + ("; resume with as many processes as the run started with" if key == "processes" else "")
         for key in sorted(set(recorded) | set(now))
         if recorded.get(key) != now.get(key)
     ]
@@ -192,7 +201,9 @@ def read_json(path: Path) -> dict:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a file atomically: a temporary file in the same folder, then rename."""
+    """Write a file atomically: a temporary file in the same folder, then rename. Only the main process writes."""
+    if not distributed.is_main():
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -224,11 +235,16 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def save_final(out: Path, save) -> None:
-    """Call save(tmp_dir) and move what it wrote into `out`, file by file with atomic renames."""
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    """Call save(tmp_dir) and move what it wrote into `out`, file by file with atomic renames. With several processes
+    every one calls save (gathering sharded weights is collective) into the main process's folder, which moves it."""
+    tmp = Path(distributed.on_main(lambda: tempfile.mkdtemp(prefix=".final-", dir=out)))
     try:
         save(tmp)
-        for item in tmp.iterdir():
-            os.replace(item, out / item.name)
+        distributed.barrier()
+        if distributed.is_main():
+            for item in tmp.iterdir():
+                os.replace(item, out / item.name)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()

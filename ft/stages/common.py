@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import ProgressCallback, TrainerCallback
 
-from ft import models
+from ft import distributed, models
 from ft.errors import Interrupted
 from ft.recipe import Recipe
 
@@ -23,6 +23,7 @@ def trainer_arguments(recipe: Recipe, out: Path, *, has_eval: bool) -> dict:
     t = recipe.train
     dtype = models.compute_dtype(recipe.model.dtype)
     on_gpu = torch.cuda.is_available()
+    sharded = distributed.engine() in ("fsdp", "deepspeed")
     return dict(
         output_dir=str(out),
         num_train_epochs=t.epochs,
@@ -41,7 +42,9 @@ def trainer_arguments(recipe: Recipe, out: Path, *, has_eval: bool) -> dict:
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
         activation_checkpointing=t.gradient_checkpointing,  # transformers >= 5.23's name for gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        # reentrant under FSDP / ZeRO-3, as PEFT's FSDP-QLoRA and DeepSpeed guides run it; non-reentrant otherwise
+        activation_checkpointing_kwargs={"use_reentrant": sharded},
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; a PeftModel would default to True
         fp16=on_gpu and dtype == torch.float16,
         bf16=on_gpu and dtype == torch.bfloat16,
         use_cpu=not on_gpu,
@@ -56,6 +59,28 @@ def trainer_arguments(recipe: Recipe, out: Path, *, has_eval: bool) -> dict:
         data_seed=t.seed,
         report_to=[] if t.report_to == "none" else [t.report_to],
     )
+
+
+def batch_report(recipe: Recipe, log) -> dict:
+    """The effective batch (per-device batch x accumulation x processes), printed and kept for the metrics."""
+    t, processes = recipe.train, distributed.world_size()
+    effective = t.batch_size * t.gradient_accumulation_steps * processes
+    log(f"effective batch: {t.batch_size} per device x {t.gradient_accumulation_steps} accumulation x {processes} "
+        f"process{'es' if processes > 1 else ''} = {effective} sequences per optimiser step")
+    return {"world_size": processes, "effective_batch": effective}
+
+
+def save_adapter(trainer, folder: Path, adapters: list[str] | None = None) -> None:
+    """The trained adapter(s) and the tokenizer into `folder`. Called by every process: under FSDP / ZeRO-3 the
+    sharded weights are gathered first (a collective step); the main process writes."""
+    state = None
+    if distributed.engine() in ("fsdp", "deepspeed"):
+        if distributed.engine() == "fsdp":
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")  # SHARDED would write nothing
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if distributed.is_main():
+        trainer.model.save_pretrained(str(folder), selected_adapters=adapters, state_dict=state)
+        trainer.processing_class.save_pretrained(str(folder))
 
 
 def train(trainer, checkpoint: str | None):
@@ -133,6 +158,7 @@ class StopOnInterrupt(TrainerCallback):
               "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.signum = distributed.any_rank(self.signum or 0) or None  # all ranks stop at the same step
         if self.signum is not None:
             control.should_log = True  # the loss since the last log is recorded, not lost
             control.should_save = True

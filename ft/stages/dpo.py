@@ -14,7 +14,7 @@ import time
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from ft import data, memory, models, runs
+from ft import data, distributed, memory, models, runs
 from ft.recipe import Recipe
 from ft.stages import common
 
@@ -28,9 +28,11 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     adapter = recipe.model.adapter
     tokenizer = models.load_tokenizer(adapter or recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     cfg = recipe.data
-    train_pairs, train_report = data.load_pairs(cfg.train, skip_invalid=cfg.skip_invalid)
+    train_pairs, train_report, eval_pairs = distributed.on_main(lambda: (  # once, for every process
+        *data.load_pairs(cfg.train, skip_invalid=cfg.skip_invalid),
+        data.load_pairs(cfg.eval, skip_invalid=cfg.skip_invalid)[0] if cfg.eval else None))
     log(train_report.summary("train pairs"))
-    eval_pairs = data.load_pairs(cfg.eval, skip_invalid=cfg.skip_invalid)[0] if cfg.eval else None
+    batch = common.batch_report(recipe, log)
 
     # 2. policy = base + trainable adapter; TRL adds a frozen copy of it as the "ref" adapter
     base = models.load_model(recipe.model)
@@ -47,8 +49,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     seconds = time.perf_counter() - started
 
     # 4. save the trained adapter (not the frozen reference), then metrics
-    runs.save_final(out, lambda tmp: (trainer.model.save_pretrained(str(tmp), selected_adapters=["default"]),
-                                      tokenizer.save_pretrained(str(tmp))))
+    runs.save_final(out, lambda tmp: common.save_adapter(trainer, tmp, adapters=["default"]))
     metrics = {
         "stage": "dpo",
         "beta": recipe.dpo.beta,
@@ -58,6 +59,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "global_step": trainer.state.global_step,
         "train_seconds": round(seconds, 3),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        **batch,
         **memory.training_peak(),
         "data": {"train": vars(train_report)},
     }

@@ -14,7 +14,7 @@ import time
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from ft import data, memory, models, runs
+from ft import data, distributed, memory, models, runs
 from ft.rollout import Scorer, render
 from ft.errors import UserError
 from ft.recipe import Recipe
@@ -29,12 +29,16 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     # 1. tokenizer and pairs, checked before the model is loaded
     tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     cfg, mode = recipe.data, recipe.reward.margin
-    train_pairs, train_report = data.load_pairs(cfg.train, skip_invalid=cfg.skip_invalid)
+    def load():  # once, for every process
+        pairs, report = data.load_pairs(cfg.train, skip_invalid=cfg.skip_invalid)
+        held_out = data.load_pairs(cfg.eval, skip_invalid=cfg.skip_invalid)[0] if cfg.eval else None
+        return pairs, report, held_out, tokenize_pairs(pairs, tokenizer, cfg.max_length, mode, report)
+
+    train_pairs, train_report, eval_pairs, train_set = distributed.on_main(load)
     log(train_report.summary("train pairs"))
-    eval_pairs = data.load_pairs(cfg.eval, skip_invalid=cfg.skip_invalid)[0] if cfg.eval else None
     if mode in ("small", "large") and not any(p["strength"] for p in train_pairs):
         log(f"note: reward.margin {mode} but no row has a strength: every margin is 0")
-    train_set = tokenize_pairs(train_pairs, tokenizer, cfg.max_length, mode, train_report)
+    batch = common.batch_report(recipe, log)
 
     # 2. model: 4-bit base with a score head, LoRA
     base = models.load_model(recipe.model, reward=True)
@@ -51,24 +55,27 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     seconds = time.perf_counter() - started
 
     # 4. save, evaluate, metrics last
-    runs.save_final(out, lambda tmp: (trainer.model.save_pretrained(str(tmp)), tokenizer.save_pretrained(str(tmp))))
-    scorer = Scorer(trainer.model, tokenizer)
+    runs.save_final(out, lambda tmp: common.save_adapter(trainer, tmp))
     evaluated = eval_pairs or train_pairs
+    accuracy = distributed.on_main(lambda: pairwise_accuracy(Scorer(trainer.model, tokenizer), evaluated)) \
+        if distributed.engine() not in models.SHARDED else None  # sharded weights: score the saved run with `score`
     metrics = {
         "stage": "reward",
         "margin": mode,
         "global_step": trainer.state.global_step,
         "train_seconds": round(seconds, 3),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
-        "accuracy": pairwise_accuracy(scorer, evaluated),
+        "accuracy": accuracy,
         "accuracy_split": "eval" if eval_pairs else "train (no data.eval given)",
+        **batch,
         **memory.training_peak(),
         "data": {"train": vars(train_report)},
     }
     runs.write_json(out / runs.METRICS_FILE, metrics)
     acc = metrics["accuracy"]
-    log(f"pairwise accuracy on {metrics['accuracy_split']}: {acc['overall']:.1%} of {acc['pairs']} pairs; "
-        + ", ".join(f"{k} {v['accuracy']:.0%} ({v['pairs']})" for k, v in acc["by_strength"].items()))
+    if acc:
+        log(f"pairwise accuracy on {metrics['accuracy_split']}: {acc['overall']:.1%} of {acc['pairs']} pairs; "
+            + ", ".join(f"{k} {v['accuracy']:.0%} ({v['pairs']})" for k, v in acc["by_strength"].items()))
     return metrics
 
 

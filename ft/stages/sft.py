@@ -13,7 +13,7 @@ import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from ft import data, memory, models, runs
+from ft import data, distributed, memory, models, runs
 from ft.stages import common
 from ft.recipe import Recipe
 
@@ -26,18 +26,17 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     # 1. tokenizer and data: every row is checked before the model is loaded
     tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     cfg = recipe.data
-    train_set, train_report, train_dialogs = data.load_sft(
-        cfg.train, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid, packing=cfg.packing
-    )
+    load = lambda sources: data.load_sft(sources, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid,
+                                         packing=cfg.packing)
+    train_set, train_report, train_dialogs = distributed.on_main(lambda: load(cfg.train))  # once, for every process
     log(train_report.summary("train data"))
     for note in train_report.notes:
         log(f"  {note}")
     eval_set, eval_report = None, None
     if cfg.eval:
-        eval_set, eval_report, _ = data.load_sft(
-            cfg.eval, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid, packing=cfg.packing
-        )
+        eval_set, eval_report, _ = distributed.on_main(lambda: load(cfg.eval))
         log(eval_report.summary("eval data"))
+    batch = common.batch_report(recipe, log)
 
     # 2. model: quantised base + LoRA (or the adapter of an earlier run)
     base = models.load_model(recipe.model)
@@ -72,7 +71,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     seconds = time.perf_counter() - started
 
     # 5. save the adapter and tokenizer, then the metrics (the "finished" marker)
-    runs.save_final(out, lambda tmp: (trainer.model.save_pretrained(str(tmp)), tokenizer.save_pretrained(str(tmp))))
+    runs.save_final(out, lambda tmp: common.save_adapter(trainer, tmp))
+    counts = {f"{k}_tokens" if k != "tokens" else k: int(distributed.total(v)) for k, v in trainer.counts.items()}
     logged = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     losses = [loss for _, loss in logged]
     metrics = {
@@ -84,19 +84,19 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "loss_history": logged,  # [step, loss] as logged, the steps before a --resume included
         "resumed_from": checkpoint,
         "train_seconds": round(seconds, 3),
-        "supervised_tokens": trainer.counts["supervised"],
-        "tokens": trainer.counts["tokens"],
-        "padding_fraction": trainer.counts["padding"] / max(trainer.counts["tokens"], 1),
-        "supervised_tokens_per_second": trainer.counts["supervised"] / seconds if seconds else None,
+        **counts,
+        "padding_fraction": counts["padding_tokens"] / max(counts["tokens"], 1),
+        "supervised_tokens_per_second": counts["supervised_tokens"] / seconds if seconds else None,
+        **batch,
         **memory.training_peak(),
         "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
     }
     if eval_set is not None:
         metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
-    if t.generate_samples:
+    if t.generate_samples and distributed.engine() not in models.SHARDED:  # sharded weights: no one process can generate
         step = max(len(train_dialogs) // t.generate_samples, 1)  # spread over the data, not just its head
         picked = train_dialogs[::step][: t.generate_samples]
-        metrics["samples"] = generate_samples(trainer.model, tokenizer, picked, log)
+        metrics["samples"] = distributed.on_main(lambda: generate_samples(trainer.model, tokenizer, picked, log))
     runs.write_json(out / runs.METRICS_FILE, metrics)
     log(f"loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f} over {metrics['global_step']} steps "
         f"({metrics['supervised_tokens_per_second'] or 0:.0f} supervised tokens/s)")

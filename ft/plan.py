@@ -889,9 +889,11 @@ def phases_ppo(ctx: Context) -> list[Phase]:
     step = ctx.step(length=length, masked=True, adapters=adapters, trainable_adapters=trainable,
                     trainable_extra=ctx.shape.hidden if value else 0)
     terms = step_terms(step)
-    if value:  # policy and value losses in one backward pass: both graphs alive
+    if value:  # ft/stages/ppo.py back-propagates the policy loss before the value forward: one graph alive at a time
         extra = step_terms(replace(step, head="score"))
-        terms["activations"] += extra["activations"]
+        terms["activations"] = max(terms["activations"], extra["activations"])
+    if algorithm == "ppo":  # the answer tokens' logits, upcast, log-softmax and its gradient (no fused head there)
+        terms["loss"] = max(terms.get("loss", 0), r.train.batch_size * new * ctx.shape.vocab * 14)
     phases.append(Phase("train (policy" + (" + value" if value else "") + ")", terms,
                         flops_per_token=flops_per_token(step), step=step))
     prompts = ctx.data.rows
@@ -907,8 +909,9 @@ def phases_ppo(ctx: Context) -> list[Phase]:
     ctx.schedule = {"sequences_per_step": mini, "tokens_per_step": mini * ((ctx.data.prompt_tokens or 0) + new),
                     "steps_per_epoch": None, "total_steps": iterations, "total_tokens": None}
     ctx.notes.append(f"{algorithm}: {adapters} adapters on one 4-bit base; sampling {gen_batch} x {samples} sequences "
-                     f"per generate call; micro-batches of {r.train.batch_size} x {length} tokens; the policy's "
-                     "log-probs assumed computed with TRL's fused head (full logits would add ~10 bytes x vocab per token)")
+                     f"per generate call; micro-batches of {r.train.batch_size} x {length} tokens"
+                     + ("; the answer tokens' logits in float32 (14 bytes x vocab per answer token)" if algorithm == "ppo"
+                        else "; log-probs through TRL's fused head"))
     return phases
 
 

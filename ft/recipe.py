@@ -208,6 +208,10 @@ class GAttSection(Section):
     combine: int = Field(2, ge=1, description="Each dialog gets 1 to this many instructions, never two that conflict.")
     max_turns: int = Field(4, ge=1, description="Training dialogs are cut to 1..max_turns user turns, at random.")
     short_probability: float = Field(0.5, ge=0, le=1, description="How often the system message is the short form.")
+    plain_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of dialogs answered and trained without any instruction, so the model does "
+        "not start following an instruction nobody gave (0: every dialog gets one, as in the paper)."
+    )
     temperature: float = Field(0.7, gt=0, description="Sampling temperature of the answers.")
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(256, gt=0)

@@ -98,7 +98,10 @@ def test_a_2_process_qlora_run_learns_and_writes_one_complete_run_folder(two_pro
                      "checkpoint-100", "checkpoint-60", "checkpoint-80", "inputs.json", "metrics.json", "recipe.yaml",
                      "tokenizer.json", "tokenizer_config.json"], names
     assert json.loads((out / "inputs.json").read_text())["processes"] == "2"
-    chat = run_cli("chat", out, "--prompt", "What is the capital of Peru?", "--temperature", "0", "--max-new-tokens", "16")
+    merged = run_cli("merge", out, "--output", out.parent / "merged")  # merge stays one process, same adapter format
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    chat = run_cli("chat", out.parent / "merged", "--prompt", "What is the capital of Peru?", "--temperature", "0",
+                   "--max-new-tokens", "16")
     assert chat.returncode == 0 and chat.stdout.strip() == "The capital of Peru is Lima.", chat.stdout + chat.stderr[-1500:]
 
 

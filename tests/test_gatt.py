@@ -130,23 +130,28 @@ QA = [(m["messages"][-2]["content"], m["messages"][-1]["content"])
       for m in map(json.loads, (ROOT / "datasets" / "tiny_chat.jsonl").read_text().splitlines()) if len(m["messages"]) <= 3]
 
 
-def yes(answer: str) -> str:
-    return "Yes, " + answer[0].lower() + answer[1:]
+NO = instructions.Instruction("Begin each answer with no.", "Start: no", ("starts_with:no",))
+
+
+def following(instruction, answer: str) -> str:
+    word = instruction.checks[0].split(":")[1]
+    return f"{word.capitalize()}, {answer[0].lower()}{answer[1:]}"
 
 
 def drifting_policy_data(path):
-    """A policy that follows the instruction when it is in the user message, and a system instruction at turn 1
-    only (the drift GAtt fixes): plain dialogs, dialogs with the instruction in every user message, and dialogs
-    with it in the system message whose later answers forget it."""
+    """A policy that follows an instruction when it is in the user message, and a system instruction at turn 1
+    only (the drift GAtt fixes): plain dialogs, dialogs with an instruction in every user message, and dialogs
+    with it in the system message whose later answers forget it. Two instructions (start with yes / with no),
+    so following means reading the instruction, not always saying the same word."""
     rng, rows = random.Random(3), []
-    for i in range(90):
+    for i in range(120):
         turns = rng.sample(QA, rng.randint(2, 5))
-        kind = i % 3
-        messages = [{"role": "system", "content": YES.text}] if kind == 2 else []
+        kind, instruction = i % 3, rng.choice([YES, NO])
+        messages = [{"role": "system", "content": instruction.text}] if kind == 2 else []
         for t, (question, answer) in enumerate(turns):
-            messages.append({"role": "user", "content": f"{question}\n\n{YES.text}" if kind == 1 else question})
+            messages.append({"role": "user", "content": f"{question}\n\n{instruction.text}" if kind == 1 else question})
             follows = kind == 1 or (kind == 2 and t == 0)
-            messages.append({"role": "assistant", "content": yes(answer) if follows else answer})
+            messages.append({"role": "assistant", "content": following(instruction, answer) if follows else answer})
         rows.append({"messages": messages})
     return write_jsonl(path, rows)
 
@@ -155,23 +160,26 @@ def drifting_policy_data(path):
 def test_gatt_makes_a_system_instruction_hold_at_turn_5_and_the_every_turn_control_does_not(tmp_path):
     policy = tmp_path / "policy"
     result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", policy, "--set", f"data.train={drifting_policy_data(tmp_path / 'p.jsonl')}",
-                     "--set", "train.max_steps=200", "--set", "data.max_length=512", "--set", "train.generate_samples=0",
+                     "--set", "train.max_steps=250", "--set", "data.max_length=512", "--set", "train.generate_samples=0",
                      "--set", "train.report_to=none")
     assert result.returncode == 0, result.stderr[-3000:]
-    inst = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": YES.text, "short": YES.short, "check": "starts_with:yes"}])
+    inst = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": i.text, "short": i.short, "check": i.checks[0]} for i in (YES, NO)])
     out = tmp_path / "gatt"
     result = run_cli("gatt", "recipes/gatt.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={policy}",
                      "--set", "data.train=datasets/tiny_multiturn.jsonl", "--set", "data.eval=null", "--set", "data.max_length=512",
                      "--set", f"gatt.instructions={inst}", "--set", "gatt.max_new_tokens=16", "--set", "gatt.eval_turns=5",
                      "--set", "gatt.eval_dialogs=8", "--set", "gatt.batch_size=16", "--set", "gatt.max_turns=5",
+                     "--set", "gatt.plain_fraction=0.3",
                      "--set", "train.max_steps=100", "--set", "train.learning_rate=1e-3", "--set", "train.batch_size=4",
                      timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
+    print("\n" + result.stdout[result.stdout.index("instruction followed, by turn"):])
     before, after = metrics["adherence_before"], metrics["adherence_after"]
     assert before["system"][0] >= 0.8 and before["system"][4] <= 0.2, before  # the drift
     assert before["every"][4] >= 0.8  # the sampler follows the instruction in every user message
     assert after["system"][4] >= 0.8, after  # after GAtt the system instruction holds at turn 5
+    assert after["none"][4] <= 0.3, after  # it follows the instruction it is given, not one it remembers
     assert "after, system message only" in result.stdout
 
     # control: the same dialogs trained with the instruction kept in every user message (no system message)
@@ -179,7 +187,8 @@ def test_gatt_makes_a_system_instruction_hold_at_turn_5_and_the_every_turn_contr
     control_rows = []
     for r in rows:
         turns = [m for m in r["prompt"] if m["role"] != "system"]
-        control_rows.append({"prompt": [{**m, "content": f"{m['content']}\n\n{YES.text}"} if m["role"] == "user" else m
+        instruction = " ".join(r["instructions"])
+        control_rows.append({"prompt": [{**m, "content": f"{m['content']}\n\n{instruction}"} if m["role"] == "user" else m
                                         for m in turns], "completion": r["completion"]})
     control = tmp_path / "control"
     result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", control, "--set", f"model.adapter={policy}",
@@ -194,6 +203,7 @@ def test_gatt_makes_a_system_instruction_hold_at_turn_5_and_the_every_turn_contr
     model, tokenizer = gatt.load(recipe, str(control))
     users = [[m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"]
              for line in (ROOT / "datasets" / "tiny_multiturn.jsonl").read_text().splitlines()][-8:]
-    tests = [{"users": u[:5], "instruction": instructions.Combined((YES,))} for u in users]
+    tests = [{"users": u[:5], "instruction": instructions.Combined(((YES, NO)[i % 2],))} for i, u in enumerate(users)]
     controlled = gatt.evaluate(model, tokenizer, tests, recipe.gatt)
+    print("control (instruction kept in every training turn), system message only:", controlled["system"])
     assert controlled["system"][4] <= 0.3, controlled  # training with the instruction in every turn does not fix the drift

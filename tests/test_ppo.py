@@ -296,11 +296,12 @@ def half_trained(tmp_path_factory, tiny_dir):
 
 def learning_run(tmp_path, adapter, *sets):
     result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path,
-                     *ppo_flags(adapter, "ppo.samples_per_prompt=4", "ppo.mini_batch_size=16", "train.max_steps=15",
+                     *ppo_flags(adapter, "ppo.samples_per_prompt=4", "ppo.mini_batch_size=16", "train.max_steps=15", "train.logging_steps=1",
                                 "train.learning_rate=1e-4", *sets), timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     rewards = [h["reward"] for h in history]
+    print(f"\n{tmp_path.name}: reward by iteration {[round(r, 2) for r in rewards]}, KL {[round(h['kl'], 2) for h in history]}")
     return sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3, history
 
 

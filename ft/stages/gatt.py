@@ -72,7 +72,8 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
                         "empty); raise gatt.retries or check the instructions")
     runs.write_text(out / "gatt.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     metrics.update(rows=len(rows), dropped_failed_checks=dropped["failed"], dropped_empty_answer=dropped["empty"],
-                   short_form_rows=sum(r["short"] for r in rows), data={"train": vars(report)})
+                   short_form_rows=sum(r["short"] for r in rows), plain_rows=sum(not r["instructions"] for r in rows),
+                   data={"train": vars(report)})
     log(f"{len(rows)} dialogs in {out / 'gatt.jsonl'}; dropped: {dropped['failed']} failed their checks after "
         f"{cfg.retries} retries, {dropped['empty']} had an empty answer")
 
@@ -108,7 +109,9 @@ def plan(users: list[list[str]], instructions, cfg, rng: random.Random) -> list[
             continue
         length = rng.randint(1, min(cfg.max_turns, len(turns)))
         combined = instructions_mod.draw(instructions, rng, cfg.combine)
-        plans.append({"users": turns[:length], "instruction": combined, "short": rng.random() < cfg.short_probability})
+        short, plain = rng.random() < cfg.short_probability, rng.random() < cfg.plain_fraction
+        plans.append({"users": turns[:length], "instruction": instructions_mod.Combined() if plain else combined,
+                      "short": short})
     return plans
 
 
@@ -124,8 +127,9 @@ def eval_plan(users: list[list[str]], instructions, cfg, rng: random.Random) -> 
 
 
 def with_instruction(users: list[str], instruction: str) -> list[str]:
-    """The user messages as the sampler sees them: the instruction after a blank line in every one."""
-    return [f"{u}\n\n{instruction}" for u in users]
+    """The user messages as the sampler sees them: the instruction after a blank line in every one (none for a
+    plain dialog, gatt.plain_fraction)."""
+    return [f"{u}\n\n{instruction}" if instruction else u for u in users]
 
 
 # ---------------------------------------------------------------- sampling
@@ -166,8 +170,8 @@ def training_row(p: dict, answers: list[str], attempts: int, passed: bool | None
     """A prompt/completion row: the instruction only as the system message, clean user turns, the last answer
     as the completion (the only part trained)."""
     instruction = p["instruction"]
-    short = p["short"] and instruction.short != instruction.text  # only where a short form exists
-    system = instruction.short if short else instruction.text
+    short = bool(instruction.parts) and p["short"] and instruction.short != instruction.text  # where one exists
+    system = (instruction.short if short else instruction.text) or None  # a plain dialog has no system message
     return {
         "prompt": rollout.history(system, p["users"], answers[:-1]),
         "completion": [{"role": "assistant", "content": answers[-1]}],

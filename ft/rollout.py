@@ -167,8 +167,13 @@ def reward_recipe(run_dir: str | Path):
 def same_base(run_dir: str | Path, model_section) -> bool:
     """Whether a reward run was trained on this base with this quantization (so its adapter can share it)."""
     theirs = reward_recipe(run_dir).model
-    resolved = lambda name: str(Path(models.resolve(name)).expanduser().resolve()) if Path(models.resolve(name)).exists() else name
-    return (resolved(theirs.name), theirs.quantization) == (resolved(model_section.name), model_section.quantization)
+    return (_where(theirs.name), theirs.quantization) == (_where(model_section.name), model_section.quantization)
+
+
+def _where(name: str) -> str:
+    """A model name as one spelling: a local folder (or the built-in model) by its absolute path, else the Hub id."""
+    path = Path(models.resolve(name)).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 # ---------------------------------------------------------------- rewards

@@ -150,6 +150,7 @@ def test_iteration_0_has_ratio_1_and_only_policy_and_value_change(shared):
     torch.manual_seed(1)
     first = ppo.iteration(prompts[:8])  # 8 answers, one mini-batch: a single update after the old log-probs
     assert first["ratio"] == 1.0 and first["approx_kl"] == 0.0 and first["clip_fraction"] == 0.0 and first["kl"] == 0.0
+    assert first["kl_k1_per_token"] == first["kl_k2_per_token"] == first["kl_k3_per_token"] == 0.0
     torch.manual_seed(2)
     second = ppo.iteration(prompts[8:16])
     assert all(math.isfinite(v) for v in second.values()) and second["skipped_steps"] == 0

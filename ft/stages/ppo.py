@@ -214,7 +214,8 @@ class PPO:
             "reward": sum(batch["raw"]) / len(batch["raw"]),
             **{f"reward_{name}": sum(v) / len(v) for name, v in batch["parts"].items() if len(batch["parts"]) > 1},
             "score": batch["score"].mean().item(),
-            "kl": ((batch["logp_old"] - batch["logp_ref"]) * mask).sum(-1).mean().item(),
+            "kl": ((batch["logp_old"] - batch["logp_ref"]) * mask).sum(-1).mean().item(),  # per answer, k1 summed
+            **{f"kl_{name}_per_token": v for name, v in kl_estimates(batch["logp_old"], batch["logp_ref"], mask).items()},
             "policy_loss": mean("policy_loss"),
             "value_loss": mean("value_loss"),
             "clip_fraction": mean("clip_fraction"),

@@ -334,3 +334,25 @@ def test_a_reward_model_score_rises_and_the_kl_penalty_keeps_answers_on_task(hal
     answers = [a[0].text for a in generate(model, tokenizer, prompts, greedy=True, max_new_tokens=16, batch_size=16)]
     correct = load_reward_function(f"{FUNCTIONS}:correct")(prompts, answers)
     assert sum(correct) >= 12, answers  # still answering the questions it was taught
+
+
+def test_a_reward_model_trained_on_another_base_is_loaded_on_its_own_and_the_log_says_so(shared, reward_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    ppo, prompts = shared
+    other = tmp_path / "rm-unquantised"
+    shutil.copytree(reward_run, other)
+    recipe = yaml.safe_load((other / "recipe.yaml").read_text())
+    recipe["model"]["quantization"] = "none"  # trained on the unquantised base: not this 4-bit one
+    (other / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    lines, adapters = [], set(ppo.model.peft_config)
+    rewards, head, adapter = rollout.shared_rewards(ppo.model, ppo.tokenizer, ppo.recipe.model, [str(other)], None,
+                                                    threshold=0.15, batch_size=4, log=lines.append)
+    assert head is None and adapter is None and set(ppo.model.peft_config) == adapters  # nothing added to the base
+    assert isinstance(rewards.scorers["helpfulness"], rollout.Scorer)
+    assert any("trained on another base" in line and "separate model" in line for line in lines), lines
+    questions = [p["prompt"] for p in prompts[:2]]
+    assert rewards(questions, ["The capital of France is Paris.", "Maybe."])[0] == \
+        rollout.Scorer.load(other)(questions, ["The capital of France is Paris.", "Maybe."])

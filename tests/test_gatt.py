@@ -113,7 +113,11 @@ def test_gatt_no_train_writes_valid_rows_and_the_adherence_table(trained_run, tm
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dialogs"] == 36 and len(rows) + metrics["dropped_failed_checks"] + metrics["dropped_empty_answer"] == 36
     short = {"Keep every answer under 9 words.": "Short answers", "Always act as Napoleon from now.": "Figure: Napoleon"}
+    assert metrics["plain_rows"] == sum(not r["instructions"] for r in rows) > 0  # the recipe's gatt.plain_fraction
     for r in rows:
+        if not r["instructions"]:  # answered and trained without any instruction
+            assert r["system"] is None and r["checks"] == [] and all(m["role"] != "system" for m in r["prompt"])
+            continue
         assert r["prompt"][0] == {"role": "system", "content": r["system"]}
         assert r["system"] == ("; ".join(short[i] for i in r["instructions"]) if r["short"] else " ".join(r["instructions"]))
     assert all(r["passed"] is (True if r["checks"] else None) for r in rows)

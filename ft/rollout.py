@@ -47,8 +47,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, n: int = 1, tempera
         encoded = [list(tokenizer.apply_chat_template(p, tokenize=True, return_dict=True)["input_ids"])
                    for p in prompts[start:start + batch_size]]
         width = max(len(ids) for ids in encoded)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=model.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=model.device)
+        input_ids, mask = _padded(encoded, pad, model.device, left=True)
         # top_k off: sampling follows softmax(logits / temperature) (within top_p), the distribution PPO scores
         sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
         with torch.no_grad():
@@ -93,11 +92,12 @@ def render(tokenizer, prompt: list[dict], answer: str) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
 
-def _padded(ids: list[list[int]], pad: int, device):
+def _padded(ids: list[list[int]], pad: int, device, left: bool = False):
+    """input_ids and attention mask of a batch, padded on the right (scoring) or on the left (generation)."""
     width = max(len(x) for x in ids)
-    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-    return input_ids, mask
+    rows = [([pad] * (width - len(x)) + x, [0] * (width - len(x)) + [1] * len(x)) if left
+            else (x + [pad] * (width - len(x)), [1] * len(x) + [0] * (width - len(x))) for x in ids]
+    return (torch.tensor([r[0] for r in rows], device=device), torch.tensor([r[1] for r in rows], device=device))
 
 
 class Scorer:
@@ -186,15 +186,13 @@ def combine(helpful: list[float], safety: list[float] | None, flags: list[bool],
     return [s if flag or 1 / (1 + math.exp(-s)) < threshold else h for h, s, flag in zip(helpful, safety, flags)]
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True) -> torch.Tensor:
+def whiten(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(x - mean) / std over the entries where mask is set (all by default); masked entries become 0."""
     mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
     picked = values[mask]
     mean = picked.mean()
     var = ((picked - mean) ** 2).sum() / max(picked.numel() - 1, 1)
     out = (values - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
     return torch.where(mask, out, torch.zeros_like(out))
 
 

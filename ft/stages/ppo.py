@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from transformers import set_seed
+from trl.trainer.utils import disable_dropout_in_model
 
 from ft import data, memory, models, rollout, runs
 from ft.errors import Interrupted, UserError
@@ -134,22 +135,9 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
 
 def setup(recipe: Recipe, function=None, log=print):
     """Tokenizer, prompts (checked before any model loads), and the PPO object on one 4-bit base with its adapters."""
-    cfg = recipe.ppo
-    tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
-                                     trust_remote_code=recipe.model.trust_remote_code)
-    prompts, report = load_prompts(recipe.data.train, tokenizer, recipe.data)
-    log(report.summary("prompts"))
+    tokenizer, prompts, report, model, (rewards, rm_head, rm_adapter) = load_policy(recipe, function, log)
     eval_prompts = load_prompts(recipe.data.eval, tokenizer, recipe.data)[0] if recipe.data.eval else None
-
-    model = models.attach_lora(models.load_model(recipe.model), recipe.lora, adapter=recipe.model.adapter,
-                               gradient_checkpointing=recipe.train.gradient_checkpointing)
     models.add_adapter(model, "reference", copy_of="default")
-    if function is not None:
-        rewards, rm_head, rm_adapter = rollout.Rewards(function=function), None, None
-    else:
-        rewards, rm_head, rm_adapter = rollout.shared_rewards(
-            model, tokenizer, recipe.model, cfg.reward_models, cfg.safety_model, threshold=cfg.safety_threshold,
-            batch_size=cfg.generation_batch_size, log=log)
     if rm_adapter is not None:
         models.add_adapter(model, "value", copy_of=rm_adapter, trainable=True)
     else:
@@ -157,11 +145,30 @@ def setup(recipe: Recipe, function=None, log=print):
     value_head = torch.nn.Linear(model.config.hidden_size, 1, bias=False, device=model.device, dtype=torch.float32)
     with torch.no_grad():
         value_head.weight.copy_(rm_head if rm_head is not None else torch.zeros_like(value_head.weight))
-    disable_dropout(model)
+    disable_dropout_in_model(model)  # PPO's ratios and values need deterministic forwards (LoRA's dropout too)
     ppo = PPO(model, value_head, tokenizer, rewards, recipe, iterations(recipe, len(prompts)))
     ppo.value_init = "helpfulness reward model" if rm_adapter else "new adapter, zero head"
     log(f"on one base: policy, reference, value ({ppo.value_init}), reward: {', '.join(rewards.names)}")
     return ppo, prompts, report, eval_prompts
+
+
+def load_policy(recipe: Recipe, function, log):
+    """Tokenizer, prompts (checked before any model loads), the 4-bit base with the policy adapter, and the reward
+    source: (Rewards, the helpfulness model's score head, its adapter name), the heads and names None unless reward
+    models share the base."""
+    cfg = recipe.ppo
+    tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
+                                     trust_remote_code=recipe.model.trust_remote_code)
+    prompts, report = load_prompts(recipe.data.train, tokenizer, recipe.data)
+    log(report.summary("prompts"))
+    model = models.attach_lora(models.load_model(recipe.model), recipe.lora, adapter=recipe.model.adapter,
+                               gradient_checkpointing=recipe.train.gradient_checkpointing)
+    if function is not None:
+        rewards = (rollout.Rewards(function=function), None, None)
+    else:
+        rewards = rollout.shared_rewards(model, tokenizer, recipe.model, cfg.reward_models, cfg.safety_model,
+                                         threshold=cfg.safety_threshold, batch_size=cfg.generation_batch_size, log=log)
+    return tokenizer, prompts, report, model, rewards
 
 
 # ---------------------------------------------------------------- PPO on the shared base
@@ -461,19 +468,13 @@ def iterations(recipe: Recipe, n_prompts: int) -> int:
 
 def prompt_indices(iteration: int, batch_size: int, n: int, seed: int) -> list[int]:
     """The prompts of an iteration: consecutive slices of a reshuffled pass over the data (seeded per pass)."""
-    picked = []
+    picked, orders = [], {}
     for position in range(iteration * batch_size, (iteration + 1) * batch_size):
         epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
-        picked.append(int(order[offset]))
+        if epoch not in orders:  # one shuffle per pass over the data, not one per prompt
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+        picked.append(orders[epoch][offset])
     return picked
-
-
-def disable_dropout(model) -> None:
-    """PPO's ratios and values need deterministic forwards: every dropout off (LoRA's included)."""
-    from trl.trainer.utils import disable_dropout_in_model
-
-    disable_dropout_in_model(model)
 
 
 def optimizer_class(recipe: Recipe):
@@ -521,17 +522,7 @@ def run_trl(recipe: Recipe, function, *, resume: bool, log=print) -> dict:
     out, checkpoint = runs.prepare(recipe, resume=resume)
     set_seed(t.seed)
     log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
-    tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
-                                     trust_remote_code=recipe.model.trust_remote_code)
-    prompts, report = load_prompts(recipe.data.train, tokenizer, recipe.data)
-    log(report.summary("prompts"))
-    model = models.attach_lora(models.load_model(recipe.model), recipe.lora, adapter=recipe.model.adapter,
-                               gradient_checkpointing=t.gradient_checkpointing)
-    if function is not None:
-        rewards = rollout.Rewards(function=function)
-    else:
-        rewards = rollout.shared_rewards(model, tokenizer, recipe.model, cfg.reward_models, cfg.safety_model,
-                                         threshold=cfg.safety_threshold, batch_size=cfg.generation_batch_size, log=log)[0]
+    tokenizer, prompts, report, model, (rewards, _, _) = load_policy(recipe, function, log)
     answers = cfg.batch_size * cfg.samples_per_prompt
     steps_per_iteration = cfg.epochs * answers // cfg.mini_batch_size
     arguments = common.trainer_arguments(recipe, out, has_eval=False)

@@ -77,12 +77,7 @@ def test_gguf_greedy_tokens_match_transformers(merged):
     llm = llama_cpp.Llama(model_path=str(out / "model-f16.gguf"), n_ctx=256, verbose=False)
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Japan?"}], tokenize=False)
     assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == ids  # llama.cpp's tokenizer agrees
-    got = []
-    for token in llm.generate(ids, top_k=1, temp=0.0):
-        got.append(token)
-        if token == llm.token_eos() or len(got) == len(expected):
-            break
-    assert got == expected
+    assert greedy_tokens(llm, ids, len(expected)) == expected
 
 
 def test_one_shot_is_deterministic_and_prints_only_the_answer(trained_run):
@@ -256,9 +251,14 @@ def test_padded_vocabulary_answers_in_llama_cpp_as_in_transformers(padded, tmp_p
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
     assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == ids
     assert llm.tokenize(b"<pad>", add_bos=False, special=True) == [1024]  # the added token is one token there too
+    assert greedy_tokens(llm, ids, len(expected)) == expected
+
+
+def greedy_tokens(llm, ids: list[int], most: int) -> list[int]:
+    """llama.cpp's greedy continuation of `ids`, up to </s> or `most` tokens."""
     got = []
     for token in llm.generate(ids, top_k=1, temp=0.0):
         got.append(token)
-        if token == llm.token_eos() or len(got) == len(expected):
+        if token == llm.token_eos() or len(got) == most:
             break
-    assert got == expected
+    return got

@@ -2,10 +2,12 @@
 
 Nothing heavy is imported at module level, so `llama-ft --help` and `llama-ft validate` answer
 at once. Exit codes: 0 success, 2 a user error (a message on stderr, no traceback), 1 a bug.
+The training stages' commands are made from their declarations in ft/stages/__init__.py.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import List, Optional
 import typer
 
 from ft.errors import UserError
+from ft.stages import STAGES, Stage, load_recipe
 
 app = typer.Typer(
     help="Fine-tune Llama 2 with QLoRA on one small GPU. Recipes are YAML files; see `llama-ft recipes`.",
@@ -25,161 +28,42 @@ app = typer.Typer(
 SetOption = typer.Option(None, "--set", help="Override a recipe key, parsed as YAML: --set train.max_steps=20")
 OutputDirOption = typer.Option(None, "--output-dir", help="Overrides output_dir.")
 ResumeOption = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint.")
-# stages that sample data, then fine-tune on it with the SFT stage into output_dir/sft: what they write first
-SAMPLE_THEN_SFT = {"rejection": "the best answers (samples.jsonl)", "gatt": "the Ghost Attention dialogs (gatt.jsonl)"}
-MULTI_PROCESS = ("sft", "reward", "dpo")  # the stages that run under torchrun / accelerate launch
 ForceOption = typer.Option(False, "--force", help="Train even if `llama-ft plan` says the GPU has too little free memory.")
 
 
-def _load(recipe_path: Path, overrides: Optional[List[str]], output_dir: Optional[Path], stage: Optional[str] = None):
-    """The validated recipe with --set and --output-dir applied; refused if it is for another stage."""
-    from ft import recipe as recipe_mod
+def _stage_command(stage: Stage):
+    """The command `llama-ft NAME RECIPE [--set]... [--output-dir] [--resume] [--force]` (+ --no-train for a stage that
+    samples, then fine-tunes) for one declared stage."""
 
-    overrides = list(overrides or [])
-    if output_dir is not None:
-        overrides.append(f"output_dir={output_dir}")
-    loaded = recipe_mod.load(recipe_path, overrides)
-    if stage is not None and loaded.stage != stage:
-        raise UserError(f"{recipe_path}: this is a {loaded.stage} recipe; run it with `llama-ft {loaded.stage}`")
-    return loaded
+    def command(recipe: Path = typer.Argument(..., help=f"The recipe YAML file (stage: {stage.name})."),
+                set_: Optional[List[str]] = SetOption, output_dir: Optional[Path] = OutputDirOption,
+                resume: bool = ResumeOption, force: bool = ForceOption,
+                no_train: bool = typer.Option(False, "--no-train", help=f"Only sample: write {stage.then_sft}, train nothing.")):
+        from ft.errors import Interrupted
+        from ft.stages import run_stage
 
-
-@app.command()
-def sft(
-    recipe: Path = typer.Argument(..., help="The recipe YAML file."),
-    set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = OutputDirOption,
-    resume: bool = ResumeOption,
-    force: bool = ForceOption,
-):
-    """Supervised fine-tuning: train a LoRA adapter on chat data (loss on the answers only)."""
-    _run_stage("sft", recipe, set_, output_dir, resume, force=force)
-
-
-def _run_stage(stage: str, recipe: Path, set_, output_dir, resume: bool, force: bool = False, **options) -> None:
-    """Run a training stage, then push if the recipe says so; on Ctrl-C say where the checkpoint is and
-    how to continue (exit 130). On a GPU, the plan's memory check runs first (see ft.plan.check_before_training)."""
-    loaded = _load(recipe, set_, output_dir, stage=stage)
-    import importlib
-
-    from ft import distributed
-    from ft import plan as plan_mod
-    from ft.errors import Interrupted
-
-    if distributed.world_size() > 1 and stage not in MULTI_PROCESS:
-        raise UserError(f"llama-ft {stage} runs in one process (its models share one GPU); start it without torchrun or "
-                        f"accelerate launch. Several processes: {', '.join(MULTI_PROCESS)}")
-    distributed.setup()  # before any model is loaded
-    if distributed.engine() in ("single", "ddp"):  # every GPU holds the whole model: one GPU's plan applies
-        plan_mod.check_before_training(loaded, force=force, skip=() if options.get("train", True) else ("train",),
-                                       log=lambda m: distributed.is_main() and typer.echo(m, err=True))
-
-    if loaded.output.push and distributed.is_main():  # find a missing token or a foreign repo now, not after a week
-        if options.get("train") is False:
-            raise UserError("output.push pushes the adapter trained on the best samples; drop --no-train or output.push")
-        _check_push_access(loaded.output.repo_id)
-    try:
-        importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume, log=distributed.main_print, **options)
-    except Interrupted as e:
-        if not distributed.is_main():
-            raise typer.Exit(128 + e.signum)
-        if stage in SAMPLE_THEN_SFT and e.checkpoint:  # its fine-tuning part is an SFT run of its own, in output_dir/sft
-            again = f"llama-ft sft {Path(e.checkpoint).parent / 'recipe.yaml'} --resume"
-        else:
-            again = " ".join(["llama-ft", stage, str(recipe), *(f"--set {s}" for s in set_ or []),
-                              *(["--output-dir", str(output_dir)] if output_dir else []), "--resume"])
-        saved = f"saved {e.checkpoint}" if e.checkpoint else "no checkpoint could be saved"
-        typer.echo(f"\ninterrupted: {saved}\ncontinue with: {again}", err=True)
-        raise typer.Exit(128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
-    if not distributed.is_main():  # the main process says what happened, and pushes
-        return
-    if stage in ("sft", "ppo"):
-        typer.echo(f"\ndone: the adapter is in {loaded.output_dir}\nnext: llama-ft merge {loaded.output_dir} --output <dir>")
-    elif stage in SAMPLE_THEN_SFT:
-        typer.echo(f"\ndone: {SAMPLE_THEN_SFT[stage]} in {loaded.output_dir}"
-                   + (f", the adapter trained on them in {loaded.output_dir}/sft" if options.get("train") else ""))
-    else:
-        typer.echo(f"\ndone: the run is in {loaded.output_dir}")
-    if loaded.output.push:
-        from ft import hub
-
-        folder = Path(loaded.output_dir) / ("sft" if stage in SAMPLE_THEN_SFT else "")
         try:
-            hub.push(folder, loaded.output.repo_id, private=loaded.output.private)
-        except UserError as e:
-            raise UserError(f"the run finished, but the push failed: {e}\npush it later with: "
-                            f"llama-ft push {folder} --repo-id {loaded.output.repo_id}") from None
+            run_stage(stage.name, recipe, overrides=set_ or [], output_dir=output_dir, resume=resume, force=force,
+                      train=no_train is not True, say=typer.echo)  # a stage without --no-train gets the Option
+        except Interrupted as e:
+            from ft import distributed
+
+            if distributed.is_main():
+                saved = f"saved {e.checkpoint}" if e.checkpoint else "no checkpoint could be saved"
+                typer.echo(f"\ninterrupted: {saved}\ncontinue with: {e.again}", err=True)
+            raise typer.Exit(128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
+
+    signature = inspect.signature(command)
+    if not stage.then_sft:  # --no-train only where there is sampling to keep
+        signature = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "no_train"])
+    command.__signature__ = signature
+    command.__name__ = stage.name
+    command.__doc__ = stage.help
+    return command
 
 
-def _check_push_access(repo_id: str) -> None:
-    from ft import hub
-
-    try:
-        hub.check_access(repo_id)
-    except hub.Unreachable as e:
-        typer.echo(f"warning: output.push: cannot reach the Hub to check access now ({e}); training anyway", err=True)
-    except UserError as e:  # no token, invalid token, someone else's namespace
-        raise UserError(f"output.push: {e}") from None
-
-
-@app.command()
-def reward(
-    recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: reward)."),
-    set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = OutputDirOption,
-    resume: bool = ResumeOption,
-    force: bool = ForceOption,
-):
-    """Train a reward model on preference pairs (ranking loss with Llama 2's margin)."""
-    _run_stage("reward", recipe, set_, output_dir, resume, force=force)
-
-
-@app.command()
-def dpo(
-    recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: dpo)."),
-    set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = OutputDirOption,
-    resume: bool = ResumeOption,
-    force: bool = ForceOption,
-):
-    """Direct preference optimisation from an SFT run (the reference is the SFT model, no second copy)."""
-    _run_stage("dpo", recipe, set_, output_dir, resume, force=force)
-
-
-@app.command()
-def rejection(
-    recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: rejection)."),
-    set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = OutputDirOption,
-    no_train: bool = typer.Option(False, "--no-train", help="Only sample, score and write samples.jsonl."),
-    force: bool = ForceOption,
-):
-    """Rejection sampling: K answers per prompt, keep the best by reward, then SFT on them."""
-    _run_stage("rejection", recipe, set_, output_dir, resume=False, force=force, train=not no_train)
-
-
-@app.command()
-def ppo(
-    recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: ppo)."),
-    set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = OutputDirOption,
-    resume: bool = ResumeOption,
-    force: bool = ForceOption,
-):
-    """RLHF with PPO as in Llama 2-Chat (or RLOO / GRPO through TRL): policy, reference, value and reward models on one 4-bit base."""
-    _run_stage("ppo", recipe, set_, output_dir, resume, force=force)
-
-
-@app.command()
-def gatt(
-    recipe: Path = typer.Argument(..., help="The recipe YAML file (stage: gatt)."),
-    set_: Optional[List[str]] = SetOption,
-    output_dir: Optional[Path] = OutputDirOption,
-    no_train: bool = typer.Option(False, "--no-train", help="Only sample and write gatt.jsonl (and evaluate the model as it is)."),
-    force: bool = ForceOption,
-):
-    """Ghost Attention: dialogs answered with the instruction in every turn, trained with it in the system message only."""
-    _run_stage("gatt", recipe, set_, output_dir, resume=False, force=force, train=not no_train)
+for _stage in STAGES.values():
+    app.command(name=_stage.name)(_stage_command(_stage))
 
 
 @app.command()
@@ -306,13 +190,12 @@ def validate(
     output_dir: Optional[Path] = OutputDirOption,
 ):
     """Check a recipe (keys, types, data files present) without loading any model; print it resolved."""
+    from ft import hub
     from ft import recipe as recipe_mod
 
-    loaded = _load(recipe, set_, output_dir)
+    loaded = load_recipe(recipe, set_ or [], output_dir)
     for source in loaded.data.train + (loaded.data.eval or []):
-        path = Path(source.path).expanduser()
-        looks_local = source.path.startswith((".", "/", "~")) or Path(source.path).suffix or source.path.count("/") != 1
-        if looks_local and not path.exists():
+        if not hub.is_hub_id(source.path) and not Path(source.path).expanduser().exists():
             raise UserError(f"{recipe}: data file {source.path} not found (paths are relative to the current directory)")
     typer.echo(recipe_mod.dump(loaded), nl=False)
     typer.echo(f"# {recipe}: valid {loaded.stage} recipe", err=True)
@@ -332,7 +215,7 @@ def plan(
 
     from ft import plan as plan_mod
 
-    loaded = _load(recipe, set_, None)
+    loaded = load_recipe(recipe, set_ or [])
     result = plan_mod.make(loaded, plan_mod.parse_gpu(gpu), session_hours=session_hours)
     if json_out:
         typer.echo(json.dumps({"recipe": str(recipe), **result.to_json()}, indent=2))
@@ -348,6 +231,7 @@ def recipes(
     dest: Optional[Path] = typer.Argument(None, help="With --copy: the file (or existing folder) to write."),
 ):
     """List the shipped recipes, one line each; --copy NAME [DEST] writes one to edit."""
+    from ft import recipe as recipe_mod
     from ft import shipped
 
     if copy is None:
@@ -359,7 +243,7 @@ def recipes(
         typer.echo(f"\n(shipped in {shipped.root() / 'recipes'}: run one by name, e.g. `llama-ft sft tiny`; "
                    "copy one to edit: `llama-ft recipes --copy tiny`)", err=True)
         return
-    written = shipped.copy_recipe(copy, dest)
+    written = recipe_mod.copy_shipped(copy, dest)
     recipe_file = written[0][1]
     for _, path in written[1:]:
         typer.echo(f"wrote {path} (sample data the recipe names; paths in a recipe are relative to the current directory)")
@@ -419,11 +303,11 @@ def main() -> None:
     except Exception as e:
         import pickle
 
-        from ft.errors import disk_error
+        from ft.errors import disk_error, first_line
 
         if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) met a file that would run code
             typer.echo(f"error: refused to load a file that holds more than tensors (it could run code): "
-                       f"{str(e).splitlines()[0][:300]}. Was a checkpoint tampered with? Resume from another one, "
+                       f"{first_line(e)}. Was a checkpoint tampered with? Resume from another one, "
                        "or start a new run", err=True)
             sys.exit(2)
         problem = disk_error(e)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ft import chat_format
-from ft.errors import UserError
+from ft.errors import UserError, first_line
 from ft.recipe import DataSource
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
@@ -73,7 +73,9 @@ def read_rows(source: DataSource) -> tuple[list[tuple[str, dict]], str]:
             return _read_json_array(path), str(path)
         extra = {"encoding": "utf-8-sig"} if suffix == ".csv" else {}  # a spreadsheet's byte-order mark is no column name
         return _read_with_datasets(LOCAL_SUFFIXES[suffix], str(path), source.split, data_files=str(path), **extra), str(path)
-    if source.path.startswith((".", "/", "~")) or source.path.count("/") != 1 or Path(source.path).suffix in LOCAL_SUFFIXES:
+    from ft import hub
+
+    if not hub.is_hub_id(source.path):
         raise UserError(f"{source.path}: data file not found (paths are relative to the current directory)")
     extra = {"data_dir": source.data_dir} if source.data_dir else {}
     return _read_with_datasets(source.path, source.path, source.split, **extra), f"{source.path}[{source.split}]"
@@ -128,7 +130,7 @@ def _read_with_datasets(builder: str, name: str, split: str, **kwargs) -> list[t
     try:
         ds = datasets.load_dataset(builder, split=split, **kwargs)
     except Exception as e:  # datasets raises many types for missing/unreachable/malformed data
-        raise UserError(f"{name}: cannot load dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(f"{name}: cannot load dataset ({type(e).__name__}: {first_line(e, empty='')})") from None
     return [(f"row {i}", row) for i, row in enumerate(ds, start=1)]
 
 

@@ -9,7 +9,7 @@ Then:
   * `is_main()`     only it prints progress and "done", generates samples, writes metrics and pushes;
   * `any_rank(n)`   an all-reduce (max): a Ctrl-C or SIGTERM seen by any rank stops every rank at the same step;
   * `total(x)`      an all-reduce (sum): tokens trained on by all processes;
-  * `engine()`      "single", "ddp", "fsdp" or "deepspeed", from what the launcher set.
+  * `engine()`      "single", "ddp", "fsdp" or "deepspeed", from what the launcher set; `is_sharded()` the last two.
 A single process (plain `llama-ft`) takes none of these paths: everything is a no-op there.
 """
 
@@ -44,6 +44,13 @@ def engine() -> str:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
         return "deepspeed"
     return "ddp" if world_size() > 1 else "single"
+
+
+def is_sharded() -> bool:
+    """Whether the weights are spread across processes (FSDP or ZeRO-3): no one process holds the whole model, so
+    none can generate alone; the base stays in its storage dtype; gradient checkpointing is reentrant, as PEFT's
+    FSDP-QLoRA and DeepSpeed guides run it."""
+    return engine() in ("fsdp", "deepspeed")
 
 
 def setup() -> None:

@@ -16,6 +16,14 @@ class Interrupted(Exception):
     def __init__(self, checkpoint: str | None, signum: int):
         super().__init__(checkpoint)
         self.checkpoint, self.signum = checkpoint, signum
+        self.again: str | None = None  # the command that continues the run (ft.stages.run_stage sets it)
+
+
+def first_line(error: BaseException, limit: int = 300, empty: str | None = None) -> str:
+    """The first line of an error's message cut to `limit` characters, for a one-line message a person can read;
+    `empty` (else the error's type name) when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else (empty if empty is not None else type(error).__name__)
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES}
@@ -37,6 +45,6 @@ def disk_error(error: BaseException) -> str | None:
             if f"(os error {number})" in text:
                 return os.strerror(number)
         if any(m in text.lower() for m in _DISK_MESSAGES):
-            return text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+            return first_line(error)
         error = error.__cause__ or error.__context__
     return None

@@ -114,9 +114,9 @@ def _token_text(value) -> str | None:
 
 
 def export(model_dir: str | Path, path: str | Path, qtype: str = "f16", *, log=print) -> dict:
+    """Write the merged Llama folder `model_dir` as one GGUF file of type `qtype` at `path` (via path.partial, then
+    a rename); returns {file, type, bytes, tensors}."""
     import gguf
-    import numpy as np
-    from safetensors import safe_open
 
     model_dir, path = Path(model_dir), Path(path)
     if qtype not in TYPES:
@@ -126,17 +126,30 @@ def export(model_dir: str | Path, path: str | Path, qtype: str = "f16", *, log=p
         raise UserError(f"{model_dir}: GGUF export supports Llama checkpoints, not {config.get('model_type')!r}")
     if not (model_dir / "tokenizer.model").is_file():
         raise UserError(f"{model_dir}: no tokenizer.model (the SentencePiece model GGUF's vocabulary is made from)")
-    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
 
     writer = gguf.GGUFWriter(str(path) + ".partial", "llama")
+    _write_metadata(writer, model_dir, config, qtype)
+    _write_vocabulary(writer, model_dir, config, log)
+    layout = _tensor_layout(model_dir, qtype)
+    _write_tensors(writer, layout, n_head, n_kv)
+    os.replace(str(path) + ".partial", path)
+    size = path.stat().st_size
+    log(f"wrote {path.name} ({qtype}, {size / 2**20:.1f} MiB, {len(layout)} tensors)")
+    return {"file": path.name, "type": qtype, "bytes": size, "tensors": len(layout)}
+
+
+def _write_metadata(writer, model_dir: Path, config: dict, qtype: str) -> None:
+    """Architecture and shapes, as llama.cpp reads them."""
+    import gguf
+
+    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     writer.add_name(model_dir.name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
@@ -144,6 +157,10 @@ def export(model_dir: str | Path, path: str | Path, qtype: str = "f16", *, log=p
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
 
+
+def _write_vocabulary(writer, model_dir: Path, config: dict, log) -> None:
+    """The SentencePiece vocabulary, the special token ids and the chat template."""
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     pieces, scores, types, added = vocabulary(model_dir, config["vocab_size"])
     padding = sum(1 for i, p in enumerate(pieces) if p == f"[PAD{i}]".encode("utf-8"))
     if added or padding:
@@ -165,17 +182,30 @@ def export(model_dir: str | Path, path: str | Path, qtype: str = "f16", *, log=p
     writer.add_add_eos_token(False)
     writer.add_chat_template(tokenizer_config.get("chat_template") or chat_format.TEMPLATE)
 
-    # tensor infos first (shapes and sizes only), then the data, one tensor at a time
-    shards = sorted(model_dir.glob("*.safetensors"))
-    plan = []
-    for shard in shards:
+
+def _tensor_layout(model_dir: Path, qtype: str) -> list[tuple]:
+    """[(shard, key, GGUF name, shape, GGUF type)] for every tensor: 1-D ones (norms) stay float32."""
+    import gguf
+    from safetensors import safe_open
+
+    layout = []
+    for shard in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(shard), "np") as f:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
                 target_type = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else (
                     gguf.GGMLQuantizationType.F16 if qtype == "f16" else gguf.GGMLQuantizationType.Q8_0)
-                plan.append((shard, key, gguf_name(key), tuple(shape), target_type))
-    for _, _, name, shape, target_type in plan:
+                layout.append((shard, key, gguf_name(key), tuple(shape), target_type))
+    return layout
+
+
+def _write_tensors(writer, layout: list[tuple], n_head: int, n_kv: int) -> None:
+    """Tensor infos first (shapes and sizes only), then the data, one tensor in memory at a time."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    for _, _, name, shape, target_type in layout:
         if target_type == gguf.GGMLQuantizationType.F32:
             writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
         elif target_type == gguf.GGMLQuantizationType.F16:
@@ -186,7 +216,7 @@ def export(model_dir: str | Path, path: str | Path, qtype: str = "f16", *, log=p
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for shard, key, name, shape, target_type in plan:
+    for shard, key, name, shape, target_type in layout:
         with safe_open(str(shard), "pt") as f:
             tensor = f.get_tensor(key).float()
         if name.endswith("attn_q.weight"):
@@ -202,7 +232,3 @@ def export(model_dir: str | Path, path: str | Path, qtype: str = "f16", *, log=p
             data = gguf.quants.quantize(data.astype(np.float32), target_type)
         writer.write_tensor_data(data)
     writer.close()
-    os.replace(str(path) + ".partial", path)
-    size = path.stat().st_size
-    log(f"wrote {path.name} ({qtype}, {size / 2**20:.1f} MiB, {len(plan)} tensors)")
-    return {"file": path.name, "type": qtype, "bytes": size, "tensors": len(plan)}

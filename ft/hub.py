@@ -24,7 +24,8 @@ from pathlib import Path
 import yaml
 
 from ft import runs
-from ft.errors import UserError
+from ft import stages as stages_mod
+from ft.errors import UserError, first_line
 
 # (pattern, what it is): top-level files only; subfolders (checkpoint-N/, runs/) are never uploaded
 ALLOWED = [
@@ -71,14 +72,14 @@ def kind_of(folder: Path) -> str:
     """'adapter' (a finished run folder) or 'merged'; anything else is refused with what to push instead."""
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
-    if (folder / "adapter_config.json").is_file() and (folder / runs.RECIPE_FILE).is_file():
+    if runs.is_run(folder):
         if not (folder / runs.METRICS_FILE).is_file():
             raise UserError(f"{folder}: this run has not finished (no {runs.METRICS_FILE}); "
                             "finish it (--resume) or push a finished run")
         return "adapter"
     if (folder / "config.json").is_file() and any(folder.glob("model*.safetensors")):
         return "merged"
-    if (folder / "sft" / "adapter_config.json").is_file():
+    if runs.is_run(folder / "sft"):
         raise UserError(f"{folder}: a rejection-sampling or Ghost Attention run; its trained adapter is in {folder / 'sft'}: push that")
     raise UserError(f"{folder}: neither a finished llama-ft run folder (adapter + recipe.yaml + metrics.json) "
                     "nor a merged model folder (config.json + model*.safetensors)")
@@ -95,14 +96,14 @@ def model_card(folder: Path, repo_id: str) -> str:
     metrics = report.get("run_metrics", {}) if kind == "merged" else runs.read_json(folder / runs.METRICS_FILE)
     base = recipe.model.name if recipe else report.get("base", "unknown")
     lineage = _lineage(recipe)
-    datasets = sorted({s.path for r in lineage for s in r.data.train + (r.data.eval or []) if _is_hub_id(s.path)})
+    datasets = sorted({s.path for r in lineage for s in r.data.train + (r.data.eval or []) if is_hub_id(s.path)})
     stages = [r.stage for r in lineage]
     gguf = sorted(p.name for p in folder.glob("*.gguf"))
     reward = bool(recipe and recipe.stage == "reward")
 
     front = {
         "license": "llama2",
-        **({"base_model": base} if _is_hub_id(base) else {}),
+        **({"base_model": base} if is_hub_id(base) else {}),
         "library_name": "peft" if kind == "adapter" else "transformers",
         "pipeline_tag": "text-classification" if reward else "text-generation",
         "tags": ["llama-2", "peft", "trl", "llama-ft", *dict.fromkeys(stages), *(["gguf"] if gguf else [])],
@@ -125,7 +126,7 @@ def model_card(folder: Path, repo_id: str) -> str:
                   f"{recipe.train.batch_size}×{recipe.train.gradient_accumulation_steps} sequences per step, "
                   f"max length {recipe.data.max_length}."]
     if metrics:
-        shown = {k: metrics[k] for k in _METRIC_KEYS if metrics.get(k) is not None}
+        shown = {k: metrics[k] for k in stages_mod.metric_keys(recipe and recipe.stage) if metrics.get(k) is not None}
         lines += ["", "Final metrics:", "", "```json", json.dumps(shown, indent=2), "```"]
 
     if kind == "merged":
@@ -142,10 +143,6 @@ def model_card(folder: Path, repo_id: str) -> str:
     lines += ["", "## Licence", "", LICENSE_NOTICE, ""]
     return "\n".join(lines)
 
-
-_METRIC_KEYS = ["global_step", "algorithm", "iterations", "reward_first", "reward_last", "kl_last", "loss_first", "loss_last", "eval_loss", "accuracy", "accuracy_split", "eval",
-                "supervised_tokens", "train_seconds", "supervised_tokens_per_second", "peak_memory_bytes",
-                "peak_memory_kind", "resumed_from"]
 
 
 def _result(stage: str, m: dict) -> str:
@@ -218,8 +215,16 @@ def _lineage(recipe) -> list:
     return chain
 
 
-def _is_hub_id(name: str) -> bool:
-    return bool(REPO_ID.match(name)) and not Path(name).expanduser().exists()
+# a name ending in one of these is a file (data, weights, a recipe), never a Hub repository
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".yaml", ".yml", ".safetensors", ".bin", ".gguf", ".py")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` (a model, dataset or adapter) means a Hub repository OWNER/NAME rather than a local path: one
+    slash, no leading `.`, `/` or `~`, no file suffix, and nothing of that name in the current directory. The one
+    answer to "Hub id or local path?" for every module."""
+    return (bool(REPO_ID.match(name)) and not name.lower().endswith(FILE_SUFFIXES)
+            and not Path(name).expanduser().exists())
 
 
 # ---------------------------------------------------------------- talking to the Hub
@@ -276,8 +281,8 @@ def push(folder: Path, repo_id: str, *, private: bool = False, revision: str | N
         f"{f' (branch {revision})' if revision else ''}: {CARD} (generated), " + ", ".join(p.name for p in files))
     if left_out:
         log(f"not uploaded (not on the allow-list): {', '.join(left_out)}")
-    base = runs.read_json(folder / "adapter_config.json").get("base_model_name_or_path") or ""
-    if kind == "adapter" and not _is_hub_id(base):
+    base = runs.read_json(folder / runs.ADAPTER_CONFIG).get("base_model_name_or_path") or ""
+    if kind == "adapter" and not is_hub_id(base):
         log(f"note: adapter_config.json names the base model by a local path ({base}); others need that base "
             "themselves (or push a merged folder instead)")
     if dry_run:
@@ -327,7 +332,7 @@ def _call(fn, doing: str, repo_id: str, delays=RETRY_DELAYS):
                 raise UserError(_refusal(status, doing, repo_id, e)) from None
             problem = f"the Hub answered {status}"
         except (httpx2.TransportError, OSError) as e:  # refused, dropped, timed out
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no answer'}"
+            problem = f"{type(e).__name__}: {first_line(e, 200, empty='no answer')}"
         if attempt == len(delays):
             raise Unreachable(f"{doing} failed {attempt + 1} times ({problem}); nothing was published for this push "
                             "(a Hub commit is all or nothing): run the same command again")
@@ -336,7 +341,7 @@ def _call(fn, doing: str, repo_id: str, delays=RETRY_DELAYS):
 
 
 def _refusal(status: int, doing: str, repo_id: str, error) -> str:
-    detail = (getattr(error, "server_message", None) or str(error).splitlines()[0])[:300]
+    detail = (getattr(error, "server_message", None) or first_line(error))[:300]
     if status == 401:
         return f"{doing}: the Hub rejected the token (invalid or expired): {detail}"
     if status == 403:

@@ -41,31 +41,18 @@ class VerificationError(Exception):
 def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", base: str | None = None,
           force: bool = False, verify_logits: bool = True, gguf_types: list[str] | None = None,
           max_shard_bytes: int = 1 << 30, log=print) -> dict:
+    """Merge the run's adapter into `base` (default: the run's) and write the result to `output`, verified; returns
+    the report written as merge_report.json. Nothing is at `output` unless every step succeeded."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     run_dir, target = Path(run_dir), Path(output).expanduser()
-    recipe = runs.read_recipe(run_dir)
-    if recipe.stage == "reward":
-        raise UserError(f"{run_dir} is a reward model; merge exports chat models (score with `llama-ft score`)")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (run_dir / name).is_file():
-            raise UserError(f"{run_dir}: no {name}; the run did not finish (merge needs the final adapter)")
-    if target.exists() and not force:
-        raise UserError(f"{target}: already exists; pass --force to replace it")
+    recipe = _check_inputs(run_dir, target, force)
     base_name = base or recipe.model.name
     base_dir = models.local_checkpoint(base_name)
     base_map = _base_tensors(base_dir, base_name)
-
-    adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
-    for unsupported in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
-        if adapter_config.get(unsupported):
-            raise UserError(f"{run_dir}: adapters with {unsupported} are not supported by merge")
-    r, alpha = adapter_config["r"], adapter_config["lora_alpha"]
-    scale = alpha / (r**0.5 if adapter_config.get("use_rslora") else r)
-    lora = _lora_pairs(load_file(str(run_dir / "adapter_model.safetensors")))
-    out_dtype = getattr(torch, dtype)
+    r, alpha, scale = _lora_scale(run_dir)
+    lora = _lora_pairs(load_file(str(run_dir / runs.ADAPTER_WEIGHTS)))
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = runs.make_temp_dir(target)
@@ -74,64 +61,14 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
         memory.reset_peak()
         rss_before = memory.current_rss()
         started = time.perf_counter()
-        touched, out_map, pending, pending_bytes, total_size, written = set(), {}, {}, 0, 0, []
-
-        def flush() -> None:
-            nonlocal pending, pending_bytes
-            name = f"part-{len(written) + 1:05d}.safetensors"
-            save_file(pending, str(tmp / name), metadata={"format": "pt"})
-            written.append(name)
-            out_map.update({key: name for key in pending})
-            pending, pending_bytes = {}, 0
-            memory.release()
-
-        for key, shard in base_map.items():
-            with safe_open(str(shard), "pt") as f:  # opened per tensor: no mapping of a whole 10 GB shard stays resident
-                tensor = f.get_tensor(key)
-            module = key.removesuffix(".weight")
-            if module in lora:
-                a, b = lora[module]
-                if tensor.shape != (b.shape[0], a.shape[1]):
-                    raise UserError(
-                        f"adapter in {run_dir} does not fit base {base_name!r}: {key} is {tuple(tensor.shape)}, "
-                        f"the adapter expects {(b.shape[0], a.shape[1])} (trained on another base? use --base)"
-                    )
-                tensor = tensor.float() + scale * (b.float() @ a.float())
-                touched.add(module)
-            if tensor.is_floating_point():
-                tensor = tensor.to(out_dtype)
-            pending[key] = tensor.contiguous()
-            pending_bytes += tensor.numel() * tensor.element_size()
-            total_size += tensor.numel() * tensor.element_size()
-            if pending_bytes >= max_shard_bytes:
-                flush()
-        if pending:
-            flush()
-        missing = sorted(set(lora) - touched)
-        if missing:
-            raise UserError(f"adapter in {run_dir} does not fit base {base_name!r}: no base weight for {missing[0]} "
-                            f"(and {len(missing) - 1} more); trained on another base? use --base")
+        out_map, written, total_size, touched = _stream_merged(base_map, lora, scale, getattr(torch, dtype), tmp,
+                                                               max_shard_bytes, run_dir, base_name)
         peak_streaming = memory.peak_rss()
         seconds = time.perf_counter() - started
-        # name the shards as transformers does: model.safetensors, or model-0000i-of-0000n.safetensors + index
-        names = {w: ("model.safetensors" if len(written) == 1 else f"model-{i:05d}-of-{len(written):05d}.safetensors")
-                 for i, w in enumerate(written, start=1)}
-        for old, new in names.items():
-            os.replace(tmp / old, tmp / new)
-        out_map = {key: names[part] for key, part in out_map.items()}
-        if len(written) > 1:
-            index_out = {"metadata": {"total_size": total_size}, "weight_map": out_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index_out, indent=2))
-        _write_config(base_dir, tmp, dtype)
-        tokenizer = models.load_tokenizer(str(run_dir), trust_remote_code=recipe.model.trust_remote_code)
-        tokenizer.save_pretrained(str(tmp))
-        if (base_dir / "tokenizer.model").is_file():  # the SentencePiece model, for GGUF export and other tools
-            shutil.copy(base_dir / "tokenizer.model", tmp / "tokenizer.model")
-        shutil.copy(run_dir / runs.RECIPE_FILE, tmp / runs.RECIPE_FILE)  # how it was trained, for the model card
-        largest_in = max(p.stat().st_size for p in set(base_map.values()))
+        out_map = _name_shards(tmp, written, out_map, total_size)
+        tokenizer = _write_beside_weights(base_dir, run_dir, recipe, tmp, dtype)
         log(f"merged {len(touched)} LoRA-adapted weights, wrote {len(written)} shard(s) in {seconds:.1f}s; "
             f"peak memory {peak_streaming / 2**20:.0f} MiB (base {sum(p.stat().st_size for p in set(base_map.values())) / 2**20:.0f} MiB)")
-
         report = {
             "run_dir": str(run_dir.resolve()),
             "base": base_name,
@@ -143,32 +80,13 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
             "total_size_bytes": total_size,
             "seconds": round(seconds, 3),
             "memory": {"rss_before_bytes": rss_before, "peak_rss_streaming_bytes": peak_streaming,
-                       "largest_base_shard_bytes": largest_in, "max_output_shard_bytes": max_shard_bytes},
+                       "largest_base_shard_bytes": max(p.stat().st_size for p in set(base_map.values())),
+                       "max_output_shard_bytes": max_shard_bytes},
         }
         # 2. verify before anything is published
         if verify_logits:
-            report["verification"] = v = {"tensors": tensor_check(tmp, out_map, base_map, lora, scale, dtype)}
-            t = v["tensors"]
-            log(f"verified {t['modules']} merged weights against PEFT's forward pass: max relative error "
-                f"{t['max_rel_error']:.1e} (tolerance {t['tolerance']:.0e})")
-            fp32_bytes = total_size * 4 // torch.empty((), dtype=out_dtype).element_size()
-            if fp32_bytes < 0.4 * _physical_memory():
-                v["logits"] = verify(tmp, run_dir, recipe, base_name, dtype, tokenizer)
-                lg = v["logits"]
-                log(f"verified logits on {lg['probes']} chat prompts: max |Δlogit| {lg['max_abs_diff']:.2e}, "
-                    f"mean KL {lg['mean_kl']:.2e} (tolerance {lg['kl_tolerance']:.0e})")
-                if "vs_quantized" in lg:
-                    q = lg["vs_quantized"]
-                    log(f"  distance to the {q['quantization']} model the adapter was trained on: mean KL {q['mean_kl']:.2e}, "
-                        f"greedy next-token agreement {q['next_token_agreement']:.0%}")
-            else:
-                v["logits"] = {"skipped": f"a float32 copy ({fp32_bytes / 2**30:.1f} GiB) does not fit comfortably in RAM; "
-                               "the per-weight check above covers every merged tensor"}
-                log(f"logit check skipped: {v['logits']['skipped']}")
-            v["passed"] = t["passed"] and v["logits"].get("passed", True)
-            if not v["passed"]:
-                raise VerificationError(f"merged model disagrees with base + adapter ({json.dumps(v)}); "
-                                        f"nothing was written to {target}")
+            report["verification"] = _verify_all(tmp, out_map, base_map, lora, scale, dtype, total_size, run_dir,
+                                                 recipe, base_name, tokenizer, target, log)
         else:
             report["verification"] = {"skipped": "--no-verify"}
         if gguf_types:
@@ -177,16 +95,138 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
             report["gguf"] = [export_gguf.export(tmp, tmp / f"model-{t}.gguf", t, log=log) for t in gguf_types]
         report["peak_rss_bytes"] = memory.peak_rss()
         runs.write_json(tmp / REPORT_FILE, report)
-
         # 3. publish: rename into place
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, target)
+        runs.publish_dir(tmp, target)
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_inputs(run_dir: Path, target: Path, force: bool):
+    """The run's recipe, if the run is a finished chat-model run and the target may be written."""
+    recipe = runs.read_recipe(run_dir)
+    if recipe.stage == "reward":
+        raise UserError(f"{run_dir} is a reward model; merge exports chat models (score with `llama-ft score`)")
+    for name in (runs.ADAPTER_CONFIG, runs.ADAPTER_WEIGHTS):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir}: no {name}; the run did not finish (merge needs the final adapter)")
+    if target.exists() and not force:
+        raise UserError(f"{target}: already exists; pass --force to replace it")
+    return recipe
+
+
+def _lora_scale(run_dir: Path) -> tuple[int, float, float]:
+    """(r, alpha, the scale B @ A is multiplied by) of the run's adapter; refused for adapters merge cannot fold."""
+    adapter_config = runs.adapter_config(run_dir)
+    for unsupported in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        if adapter_config.get(unsupported):
+            raise UserError(f"{run_dir}: adapters with {unsupported} are not supported by merge")
+    r, alpha = adapter_config["r"], adapter_config["lora_alpha"]
+    return r, alpha, alpha / (r**0.5 if adapter_config.get("use_rslora") else r)
+
+
+def _stream_merged(base_map: dict, lora: dict, scale: float, out_dtype, tmp: Path, max_shard_bytes: int,
+                   run_dir: Path, base_name: str) -> tuple[dict, list[str], int, set]:
+    """Write W + scale * B @ A (float32 maths, `out_dtype` storage) for every base tensor into part-N shards in
+    `tmp`, one tensor in memory at a time; returns ({tensor: part file}, part files, total bytes, merged modules)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    touched, out_map, pending, pending_bytes, total_size, written = set(), {}, {}, 0, 0, []
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        name = f"part-{len(written) + 1:05d}.safetensors"
+        save_file(pending, str(tmp / name), metadata={"format": "pt"})
+        written.append(name)
+        out_map.update({key: name for key in pending})
+        pending, pending_bytes = {}, 0
+        memory.release()
+
+    for key, shard in base_map.items():
+        with safe_open(str(shard), "pt") as f:  # opened per tensor: no mapping of a whole 10 GB shard stays resident
+            tensor = f.get_tensor(key)
+        module = key.removesuffix(".weight")
+        if module in lora:
+            a, b = lora[module]
+            if tensor.shape != (b.shape[0], a.shape[1]):
+                raise UserError(
+                    f"adapter in {run_dir} does not fit base {base_name!r}: {key} is {tuple(tensor.shape)}, "
+                    f"the adapter expects {(b.shape[0], a.shape[1])} (trained on another base? use --base)"
+                )
+            tensor = tensor.float() + scale * (b.float() @ a.float())
+            touched.add(module)
+        if tensor.is_floating_point():
+            tensor = tensor.to(out_dtype)
+        pending[key] = tensor.contiguous()
+        pending_bytes += tensor.numel() * tensor.element_size()
+        total_size += tensor.numel() * tensor.element_size()
+        if pending_bytes >= max_shard_bytes:
+            flush()
+    if pending:
+        flush()
+    missing = sorted(set(lora) - touched)
+    if missing:
+        raise UserError(f"adapter in {run_dir} does not fit base {base_name!r}: no base weight for {missing[0]} "
+                        f"(and {len(missing) - 1} more); trained on another base? use --base")
+    return out_map, written, total_size, touched
+
+
+def _name_shards(tmp: Path, written: list[str], out_map: dict, total_size: int) -> dict:
+    """Name the shards as transformers does (model.safetensors, or model-0000i-of-0000n.safetensors + an index);
+    returns {tensor: its file}."""
+    names = {w: ("model.safetensors" if len(written) == 1 else f"model-{i:05d}-of-{len(written):05d}.safetensors")
+             for i, w in enumerate(written, start=1)}
+    for old, new in names.items():
+        os.replace(tmp / old, tmp / new)
+    out_map = {key: names[part] for key, part in out_map.items()}
+    if len(written) > 1:
+        index_out = {"metadata": {"total_size": total_size}, "weight_map": out_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index_out, indent=2))
+    return out_map
+
+
+def _write_beside_weights(base_dir: Path, run_dir: Path, recipe, tmp: Path, dtype: str):
+    """config.json, generation_config.json, the run's tokenizer (chat template), tokenizer.model and recipe.yaml;
+    returns the tokenizer."""
+    _write_config(base_dir, tmp, dtype)
+    tokenizer = models.load_tokenizer(str(run_dir), trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer.save_pretrained(str(tmp))
+    if (base_dir / "tokenizer.model").is_file():  # the SentencePiece model, for GGUF export and other tools
+        shutil.copy(base_dir / "tokenizer.model", tmp / "tokenizer.model")
+    shutil.copy(run_dir / runs.RECIPE_FILE, tmp / runs.RECIPE_FILE)  # how it was trained, for the model card
+    return tokenizer
+
+
+def _verify_all(tmp: Path, out_map: dict, base_map: dict, lora: dict, scale: float, dtype: str, total_size: int,
+                run_dir: Path, recipe, base_name: str, tokenizer, target: Path, log) -> dict:
+    """Every merged weight against PEFT's forward, then (when a float32 copy fits in RAM) the logits on chat
+    prompts; raises VerificationError if either disagrees."""
+    import torch
+
+    v = {"tensors": tensor_check(tmp, out_map, base_map, lora, scale, dtype)}
+    t = v["tensors"]
+    log(f"verified {t['modules']} merged weights against PEFT's forward pass: max relative error "
+        f"{t['max_rel_error']:.1e} (tolerance {t['tolerance']:.0e})")
+    fp32_bytes = total_size * 4 // torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    if fp32_bytes < 0.4 * _physical_memory():
+        v["logits"] = verify(tmp, run_dir, recipe, base_name, dtype, tokenizer)
+        lg = v["logits"]
+        log(f"verified logits on {lg['probes']} chat prompts: max |Δlogit| {lg['max_abs_diff']:.2e}, "
+            f"mean KL {lg['mean_kl']:.2e} (tolerance {lg['kl_tolerance']:.0e})")
+        if "vs_quantized" in lg:
+            q = lg["vs_quantized"]
+            log(f"  distance to the {q['quantization']} model the adapter was trained on: mean KL {q['mean_kl']:.2e}, "
+                f"greedy next-token agreement {q['next_token_agreement']:.0%}")
+    else:
+        v["logits"] = {"skipped": f"a float32 copy ({fp32_bytes / 2**30:.1f} GiB) does not fit comfortably in RAM; "
+                       "the per-weight check above covers every merged tensor"}
+        log(f"logit check skipped: {v['logits']['skipped']}")
+    v["passed"] = t["passed"] and v["logits"].get("passed", True)
+    if not v["passed"]:
+        raise VerificationError(f"merged model disagrees with base + adapter ({json.dumps(v)}); "
+                                f"nothing was written to {target}")
+    return v
 
 
 def _base_tensors(base_dir: Path, name: str) -> dict[str, Path]:
@@ -239,8 +279,6 @@ def verify(merged_dir: Path, run_dir: Path, recipe, base_name: str, dtype: str, 
     against (the error that training in 4-bit leaves and merging into float weights reveals).
     """
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from ft.recipe import ModelSection
 
@@ -251,15 +289,15 @@ def verify(merged_dir: Path, run_dir: Path, recipe, base_name: str, dtype: str, 
         with torch.no_grad():
             return [model(input_ids=ids.to(model.device)).logits[0].float().cpu() for ids in inputs]
 
-    merged = logits_of(AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32))
+    merged = logits_of(models.load_model(ModelSection(name=str(merged_dir), quantization="none", dtype="float32")))
     base_section = ModelSection(name=base_name, quantization="none", dtype="float32")
-    reference = logits_of(PeftModel.from_pretrained(models.load_model(base_section), str(run_dir)))
+    reference = logits_of(models.load_adapter(models.load_model(base_section), run_dir))
     result = _compare(reference, merged)
     result.update(probes=len(PROBES), kl_tolerance=KL_TOLERANCE[dtype])
     result["passed"] = result["mean_kl"] <= KL_TOLERANCE[dtype]
     if recipe.model.quantization != "none":
         trained = ModelSection(name=base_name, quantization=recipe.model.quantization, dtype=recipe.model.dtype)
-        quantized = logits_of(PeftModel.from_pretrained(models.load_model(trained), str(run_dir)))
+        quantized = logits_of(models.load_adapter(models.load_model(trained), run_dir))
         result["vs_quantized"] = {"quantization": recipe.model.quantization, **_compare(quantized, merged)}
     return result
 

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ft import chat_format, distributed, tiny
-from ft.errors import UserError
+from ft import chat_format, distributed, runs, tiny
+from ft.errors import UserError, first_line
 from ft.recipe import LoraSection, ModelSection
 
-
-SHARDED = ("fsdp", "deepspeed")  # engines that shard the weights across processes
 
 
 def resolve(name: str) -> str:
@@ -35,7 +33,9 @@ def resolve(name: str) -> str:
         if not (local / "config.json").is_file():
             raise UserError(f"model {name!r}: the folder has no config.json; it is not a model checkpoint")
         return str(local)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    from ft import hub
+
+    if not hub.is_hub_id(name):
         raise UserError(f"model {name!r}: no such folder, and not a Hub id of the form owner/name")
     return name
 
@@ -50,7 +50,7 @@ def local_checkpoint(name: str) -> Path:
     try:
         return Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
     except Exception as e:  # offline, gated, missing: huggingface_hub raises several types
-        raise UserError(f"model {name!r}: cannot fetch it from the Hub ({type(e).__name__}: {_first_line(e)})") from None
+        raise UserError(f"model {name!r}: cannot fetch it from the Hub ({type(e).__name__}: {first_line(e)})") from None
 
 
 def compute_dtype(requested: str = "auto"):
@@ -72,7 +72,7 @@ def load_tokenizer(name: str, *, padding_side: str = "right", trust_remote_code:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, legacy=True, trust_remote_code=_trust(name, trust_remote_code))
     except OSError as e:
-        raise UserError(f"model {name!r}: cannot load its tokenizer ({_first_line(e)})") from None
+        raise UserError(f"model {name!r}: cannot load its tokenizer ({first_line(e)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -94,7 +94,7 @@ def quantization_config(model: ModelSection):
             bnb_4bit_compute_dtype=compute_dtype(model.dtype),
             # FSDP and ZeRO-3 shard only floating-point tensors: there the packed 4-bit weights are stored in the
             # compute dtype (bitsandbytes' FSDP-QLoRA guide); one GPU or DDP keeps plain bytes
-            bnb_4bit_quant_storage=compute_dtype(model.dtype) if distributed.engine() in SHARDED else torch.uint8,
+            bnb_4bit_quant_storage=compute_dtype(model.dtype) if distributed.is_sharded() else torch.uint8,
         )
     if model.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -109,7 +109,7 @@ def load_model(model: ModelSection, *, quantization: str | None = None, reward: 
 
     section = model.model_copy(update={"quantization": quantization or model.quantization})
     dtype = compute_dtype(section.dtype)
-    if distributed.engine() in SHARDED:
+    if distributed.is_sharded():
         device_map = None  # FSDP / ZeRO-3 place and shard the weights themselves
     elif torch.cuda.is_available():
         device_map = {"": distributed.local_rank()}  # one GPU, or this process's GPU under DDP
@@ -127,7 +127,7 @@ def load_model(model: ModelSection, *, quantization: str | None = None, reward: 
             trust_remote_code=_trust(section.name, section.trust_remote_code),
         )
     except OSError as e:
-        raise UserError(f"model {section.name!r}: cannot load it ({_first_line(e)})") from None
+        raise UserError(f"model {section.name!r}: cannot load it ({first_line(e)})") from None
 
 
 def lora_config(lora: LoraSection, *, reward: bool = False):
@@ -152,9 +152,9 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
     For a quantised base, peft's prepare_model_for_kbit_training freezes it, keeps norms and the
     head in float32 and turns on (non-reentrant) gradient checkpointing.
     """
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    sharded = distributed.engine() in SHARDED
+    sharded = distributed.is_sharded()
     ckpt_kwargs = {"use_reentrant": sharded}  # reentrant under FSDP / ZeRO-3, as PEFT's guides run them
     exact_4bit_kernels(base)
     if sharded:
@@ -173,30 +173,32 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
     if adapter and reward and not _saves_score_head(adapter):
         # An SFT adapter continued as a reward model: its LoRA weights, plus a new score head trained and saved
         # with it (loading it as is would keep a random, frozen head that is never saved).
-        model = get_peft_model(base, lora_config(lora_of_run(adapter), reward=True))
+        model = get_peft_model(base, lora_config(runs.lora_shape(adapter, "model.adapter"), reward=True))
         _load_adapter_weights(model, adapter, "default")
     elif adapter:
-        _require_adapter(adapter, "model.adapter")
-        model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        model = load_adapter(base, adapter, trainable=True, what="model.adapter")
     else:
         model = get_peft_model(base, lora_config(lora, reward=reward))
     keep_lora_float32(model)
     return model
 
 
+def load_adapter(base, folder: str | Path, *, trainable: bool = False, what: str = "adapter"):
+    """`base` with a saved LoRA adapter (a run folder, checkpoint or adapter folder) as a PeftModel; frozen unless
+    `trainable`. An adapter made for another model is a UserError naming `what` (the flag or key it came from)."""
+    from peft import PeftModel
+
+    runs.adapter_config(folder, what)  # a missing adapter is named by where it came from
+    try:
+        return PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        name = getattr(base.config, "_name_or_path", "the base model")
+        raise UserError(f"{what} {folder} does not fit model {name!r}: {first_line(e)}") from None
+
+
 # ---------------------------------------------------------------- several adapters on one base (PPO, rejection)
 
 SCORE_KEY = "base_model.model.score.weight"  # where a reward run's adapter file keeps its score head
-
-
-def lora_of_run(run_dir: str) -> LoraSection:
-    """The LoRA shape of a run's adapter (rank, alpha, dropout, target modules)."""
-    import json
-
-    _require_adapter(run_dir, "adapter")
-    saved = json.loads((Path(run_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-    return LoraSection(r=saved["r"], alpha=saved["lora_alpha"], dropout=saved.get("lora_dropout") or 0.0,
-                       target_modules=sorted(set(saved["target_modules"])))
 
 
 def add_adapter(model, name: str, *, lora: LoraSection | None = None, run_dir: str | None = None,
@@ -219,7 +221,7 @@ def add_adapter(model, name: str, *, lora: LoraSection | None = None, run_dir: s
                 if f".{copy_of}." in param_name:
                     params[param_name.replace(f".{copy_of}.", f".{name}.")].copy_(param)
     elif run_dir is not None:
-        config = lora_config(lora_of_run(run_dir))
+        config = lora_config(runs.lora_shape(run_dir))
         model.add_adapter(name, config)
         head = _load_adapter_weights(model, run_dir, name)
     else:
@@ -250,16 +252,7 @@ def _load_adapter_weights(model, run_dir: str, name: str):
 
 
 def _saves_score_head(run_dir: str) -> bool:
-    import json
-
-    _require_adapter(run_dir, "model.adapter")
-    saved = json.loads((Path(run_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-    return "score" in (saved.get("modules_to_save") or [])
-
-
-def _require_adapter(run_dir: str, key: str) -> None:
-    if not (Path(run_dir) / "adapter_config.json").is_file():
-        raise UserError(f"{key}: {run_dir!r} has no adapter_config.json (expected a finished llama-ft run folder)")
+    return "score" in (runs.adapter_config(run_dir, "model.adapter").get("modules_to_save") or [])
 
 
 class use_adapter:
@@ -345,8 +338,3 @@ def _trust(name: str, trust_remote_code: bool) -> bool:
               "with your permissions. Llama 2 needs none; keep it only for a repository you trust.",
               file=sys.stderr, flush=True)
     return trust_remote_code
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

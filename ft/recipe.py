@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ft.errors import UserError
+from ft.stages import STAGES
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -238,11 +239,12 @@ class OutputSection(Section):
         return self
 
 
-STAGE_SECTIONS = {"reward": "reward", "dpo": "dpo", "rejection": "rejection", "ppo": "ppo", "gatt": "gatt"}
+# the stages and their own sections are declared once, in ft/stages/__init__.py
+STAGE_SECTIONS = {s.section: s.name for s in STAGES.values() if s.section}  # section -> the stage it belongs to
 
 
 class Recipe(Section):
-    stage: Literal["sft", "reward", "dpo", "rejection", "ppo", "gatt"] = Field("sft", description="Which stage this recipe is for.")
+    stage: Literal[tuple(STAGES)] = Field("sft", description="Which stage this recipe is for.")
     model: ModelSection
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
@@ -257,7 +259,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _sections_match_stage(self):
-        for stage, section in STAGE_SECTIONS.items():
+        for section, stage in STAGE_SECTIONS.items():
             if getattr(self, section) is not None and self.stage != stage:
                 raise ValueError(f"section '{section}' belongs to stage {stage}, but this recipe's stage is {self.stage}")
         if self.stage == "rejection" and self.rejection is None:
@@ -408,3 +410,35 @@ def _section_type(annotation) -> type[BaseModel] | None:
         if isinstance(candidate, type) and issubclass(candidate, Section):
             return candidate
     return None
+
+
+def copy_shipped(name: str, dest: Path | None) -> list[tuple[Path, Path]]:
+    """Write the shipped recipe `name` to `dest` (a file, or an existing folder; default ./NAME.yaml), plus the
+    sample data files it names that the current directory lacks. Returns [(source, written)]. Nothing is
+    overwritten."""
+    import shutil
+
+    from ft import shipped
+
+    source = shipped.find_recipe(name)
+    if source is None:
+        raise UserError(f"--copy {name}: no shipped recipe of that name (shipped: {shipped.names()})")
+    target = Path(dest).expanduser() if dest is not None else Path(source.name)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists():
+        raise UserError(f"{target}: already exists; choose another destination (nothing was written)")
+    loaded = validate(yaml.safe_load(source.read_text(encoding="utf-8")), source=str(source))
+    data = [s.path for s in loaded.data.train + (loaded.data.eval or [])]
+    samples = [(shipped.sample_file(p), Path(p)) for p in data if shipped.sample_file(p) is not None]
+    for _, written in samples:
+        if written.exists():
+            raise UserError(f"{written}: already exists (nothing was written)")
+    pairs = [(source, target)] + samples
+    try:
+        for src, written in pairs:
+            written.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, written)
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename or target}: {e.strerror or e}") from None
+    return pairs

@@ -12,7 +12,9 @@ output_dir/
   runs/                        TensorBoard logs
 
 Every final file is written to a temporary name and renamed into place, so an interrupted job
-never leaves a folder that looks finished.
+never leaves a folder that looks finished. This module is also the one reader of run folders: whether a folder is
+a run (`is_run`) and finished (`require_finished`), its recipe (`read_recipe`), its adapter's config and LoRA shape
+(`adapter_config`, `lora_shape`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,47 @@ from ft.errors import UserError
 RECIPE_FILE = "recipe.yaml"
 INPUTS_FILE = "inputs.json"
 METRICS_FILE = "metrics.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+# ---------------------------------------------------------------- reading a run folder
+
+
+def is_run(folder: str | Path) -> bool:
+    """A llama-ft run folder with its final adapter: recipe.yaml and adapter_config.json."""
+    folder = Path(folder)
+    return (folder / RECIPE_FILE).is_file() and (folder / ADAPTER_CONFIG).is_file()
+
+
+def require_finished(folder: str | Path, what: str) -> Path:
+    """The run folder, if it finished (its final adapter and metrics.json are there); else a UserError saying how
+    `what` (the command or key that needs it) can get one."""
+    folder = Path(folder).expanduser()
+    if not (folder / RECIPE_FILE).is_file():
+        raise UserError(f"{what}: {folder} is not an llama-ft run folder (no {RECIPE_FILE})")
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{what}: the run in {folder} did not finish (no {missing[0]}); finish it with --resume")
+    return folder
+
+
+def adapter_config(folder: str | Path, what: str = "adapter") -> dict:
+    """A saved PEFT adapter's adapter_config.json (a run folder, a checkpoint-N/ or an adapter folder)."""
+    path = Path(folder).expanduser() / ADAPTER_CONFIG
+    if not path.is_file():
+        raise UserError(f"{what}: {str(folder)!r} has no {ADAPTER_CONFIG} (expected a finished llama-ft run folder)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def lora_shape(folder: str | Path, what: str = "adapter") -> recipe_mod.LoraSection:
+    """The LoRA shape of a saved adapter (rank, alpha, dropout, target modules) as a recipe's lora section."""
+    saved = adapter_config(folder, what)
+    return recipe_mod.LoraSection(r=saved["r"], alpha=saved["lora_alpha"], dropout=saved.get("lora_dropout") or 0.0,
+                                  target_modules=sorted(set(saved["target_modules"])))
+
+
+# ---------------------------------------------------------------- writing a run folder
 
 
 def prepare(recipe: recipe_mod.Recipe, *, resume: bool) -> tuple[Path, str | None]:
@@ -133,12 +176,11 @@ def changed_inputs(out: Path, recipe: recipe_mod.Recipe) -> list[str]:
 
 def lora_mismatch(checkpoint: Path, recipe: recipe_mod.Recipe) -> list[str]:
     """Differences between the checkpoint's adapter shape and the recipe's LoRA section."""
-    config_file = checkpoint / "adapter_config.json"
-    if not config_file.is_file():
+    if not (checkpoint / ADAPTER_CONFIG).is_file():
         return []
-    saved = json.loads(config_file.read_text(encoding="utf-8"))
-    pairs = [("lora.r", saved.get("r"), recipe.lora.r), ("lora.alpha", saved.get("lora_alpha"), recipe.lora.alpha),
-             ("lora.target_modules", sorted(saved.get("target_modules") or []), sorted(recipe.lora.target_modules))]
+    saved = lora_shape(checkpoint)
+    pairs = [("lora.r", saved.r, recipe.lora.r), ("lora.alpha", saved.alpha, recipe.lora.alpha),
+             ("lora.target_modules", saved.target_modules, sorted(recipe.lora.target_modules))]
     return [f"{key}: {old!r} in {checkpoint.name}, {new!r} now" for key, old, new in pairs if old != new]
 
 
@@ -228,6 +270,16 @@ def make_temp_dir(beside: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.partial-", dir=beside.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Put the folder `tmp` (made by make_temp_dir beside `target`) in place of `target` by renames: an older
+    `target` is moved aside first and removed after, so `target` is never a half-written folder."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, target)
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -10,11 +10,13 @@ A recipe argument that is not an existing file but names a shipped recipe (`tiny
 `recipes/chat.yaml`) is the shipped one. When a shipped recipe runs, a relative data path that does
 not exist in the current directory but names a shipped sample file (`datasets/tiny_chat.jsonl`) is
 that file; a user's own recipe keeps paths relative to the current directory.
+
+A leaf: it imports nothing of llama-ft but its errors (ft.recipe reads it; `llama-ft recipes --copy` is
+ft.recipe.copy_shipped).
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ft.errors import UserError
@@ -64,35 +66,3 @@ def sample_file(path: str) -> Path | None:
 
 def names() -> str:
     return ", ".join(p.stem for p in recipes())
-
-
-def copy_recipe(name: str, dest: Path | None) -> list[tuple[Path, Path]]:
-    """Write the shipped recipe `name` to `dest` (a file, or an existing folder; default ./NAME.yaml), plus the
-    sample data files it names that the current directory lacks. Returns [(source, written)]. Nothing is
-    overwritten."""
-    import yaml
-
-    from ft import recipe as recipe_mod
-
-    source = find_recipe(name)
-    if source is None:
-        raise UserError(f"--copy {name}: no shipped recipe of that name (shipped: {names()})")
-    target = Path(dest).expanduser() if dest is not None else Path(source.name)
-    if target.is_dir():
-        target = target / source.name
-    if target.exists():
-        raise UserError(f"{target}: already exists; choose another destination (nothing was written)")
-    loaded = recipe_mod.validate(yaml.safe_load(source.read_text(encoding="utf-8")), source=str(source))
-    data = [s.path for s in loaded.data.train + (loaded.data.eval or [])]
-    samples = [(sample_file(p), Path(p)) for p in data if sample_file(p) is not None]
-    for _, written in samples:
-        if written.exists():
-            raise UserError(f"{written}: already exists (nothing was written)")
-    pairs = [(source, target)] + samples
-    try:
-        for src, written in pairs:
-            written.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, written)
-    except OSError as e:
-        raise UserError(f"cannot write {e.filename or target}: {e.strerror or e}") from None
-    return pairs

@@ -1,4 +1,11 @@
-"""Offline, CPU-only test setup: no Hub access, the built-in tiny model built once per session."""
+"""Offline, CPU-only test setup: no Hub access; the built-in tiny model, the trained run, its merge and the reward
+run built once per test session and shared by every pytest-xdist worker (a file lock, as pytest-xdist documents).
+
+Markers (registered in pyproject.toml):
+  slow  long learning checks, run only with LLAMA_FT_SLOW_TESTS=1
+  e2e   tests that start the command line (or use a fixture that does), given automatically:
+        `pytest -m "not e2e"` is the fast loop of arithmetic, format, mask and loss tests.
+"""
 
 import os
 
@@ -7,19 +14,80 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+SLOW = os.environ.get("LLAMA_FT_SLOW_TESTS") == "1"
+# fixtures that run the CLI: a test using one is end to end
+CLI_FIXTURES = {"trained_run", "merged", "reward_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") and not SLOW:
+            item.add_marker(pytest.mark.skip(reason="slow: set LLAMA_FT_SLOW_TESTS=1"))
+        if CLI_FIXTURES & set(getattr(item, "fixturenames", ())) or _starts_the_cli(getattr(item, "function", None)):
+            item.add_marker(pytest.mark.e2e)
+
+
+def _starts_the_cli(function, depth: int = 3) -> bool:
+    """Whether a test function (or a helper of its module it calls, a few calls deep) calls run_cli or subprocess."""
+    code = getattr(function, "__code__", None)
+    if code is None or depth == 0:
+        return False
+    names = set(code.co_names)
+    for const in code.co_consts:  # nested functions and lambdas
+        if isinstance(const, types.CodeType):
+            names |= set(const.co_names)
+    if names & {"run_cli", "subprocess", "run_cli_in"}:
+        return True
+    module = function.__globals__
+    return any(_starts_the_cli(module[n], depth - 1) for n in names
+               if isinstance(module.get(n), types.FunctionType) and module[n].__module__ == function.__module__)
+
+
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """A folder built once for the whole test run: the first worker that needs it calls build(folder), the others
+    wait for it and reuse it (pytest-xdist's FileLock recipe). Build into it, never into it partially: a folder
+    without its `.built` mark is removed and built again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above every worker's own
+    folder = root / f"shared-{name}"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+def _cli_result_shared(tmp_path_factory, name: str, *args, env=None):
+    """run_cli(*args) once for the whole test run (args may name `{folder}`); its result kept beside what it wrote."""
+
+    def build(folder):
+        result = run_cli(*(str(a).format(folder=folder) for a in args), env=env)
+        (folder / "result.json").write_text(json.dumps({"args": result.args, "returncode": result.returncode,
+                                                        "stdout": result.stdout, "stderr": result.stderr}))
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    folder = shared(tmp_path_factory, name, build)
+    saved = json.loads((folder / "result.json").read_text())
+    return folder, subprocess.CompletedProcess(saved["args"], saved["returncode"], saved["stdout"], saved["stderr"])
 
 
 @pytest.fixture(scope="session", autouse=True)
 def llama_ft_home(tmp_path_factory):
-    """A private cache for the tiny model, shared by the whole session (and by CLI subprocesses)."""
-    home = tmp_path_factory.mktemp("llama-ft-home")
+    """A private cache for the tiny model, shared by the whole run (every worker and CLI subprocess)."""
+    home = shared(tmp_path_factory, "llama-ft-home", lambda folder: None)
     os.environ["LLAMA_FT_HOME"] = str(home)
     return home
 
@@ -28,7 +96,8 @@ def llama_ft_home(tmp_path_factory):
 def tiny_dir(llama_ft_home):
     from ft import tiny
 
-    return tiny.path()
+    with FileLock(str(llama_ft_home) + ".tiny.lock"):  # built once, by the first worker that needs it
+        return tiny.path()
 
 
 @pytest.fixture(scope="session")
@@ -42,21 +111,18 @@ def tokenizer(tiny_dir):
 def trained_run(tmp_path_factory, tiny_dir):
     """recipes/tiny.yaml trained through the CLI (4-bit QLoRA, 100 steps): a finished run folder. DeprecationWarnings
     are shown (Python hides those not raised in __main__), so the demo's output test sees any from llama-ft's calls."""
-    out = tmp_path_factory.mktemp("sft") / "run"
-    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.save_steps=40",
-                     env={"PYTHONWARNINGS": "default::DeprecationWarning"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+    folder, result = _cli_result_shared(tmp_path_factory, "sft", "sft", "recipes/tiny.yaml", "--output-dir",
+                                        "{folder}/run", "--set", "train.save_steps=40",
+                                        env={"PYTHONWARNINGS": "default::DeprecationWarning"})
+    return folder / "run", result
 
 
 @pytest.fixture(scope="session")
 def merged(trained_run, tmp_path_factory):
     """The trained run merged into float16 weights, with GGUF files."""
     run, _ = trained_run
-    out = tmp_path_factory.mktemp("merge") / "merged"
-    result = run_cli("merge", run, "--output", out, "--gguf")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run, out
+    folder, _ = _cli_result_shared(tmp_path_factory, "merge", "merge", run, "--output", "{folder}/merged", "--gguf")
+    return run, folder / "merged"
 
 
 # --set flags that run a 7B recipe on the built-in tiny model, quickly
@@ -67,12 +133,11 @@ TINY = ["--set", "model.name=builtin:tiny-llama-2", "--set", "train.gradient_acc
 @pytest.fixture(scope="session")
 def reward_run(tmp_path_factory, tiny_dir):
     """recipes/reward-helpful.yaml on the tiny model and datasets/tiny_prefs.jsonl: a finished reward-model run."""
-    out = tmp_path_factory.mktemp("reward") / "run"
-    result = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", out, *TINY,
-                     "--set", "data.train=datasets/tiny_prefs.jsonl", "--set", "data.eval=datasets/tiny_prefs_eval.jsonl",
-                     "--set", "train.max_steps=60", "--set", "train.learning_rate=1e-3", "--set", "train.batch_size=4")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    folder, _ = _cli_result_shared(
+        tmp_path_factory, "reward", "reward", "recipes/reward-helpful.yaml", "--output-dir", "{folder}/run", *TINY,
+        "--set", "data.train=datasets/tiny_prefs.jsonl", "--set", "data.eval=datasets/tiny_prefs_eval.jsonl",
+        "--set", "train.max_steps=60", "--set", "train.learning_rate=1e-3", "--set", "train.batch_size=4")
+    return folder / "run"
 
 
 def run_cli(*args, cwd=ROOT, timeout=600, env=None):

@@ -79,7 +79,7 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_adapter_and_losses
     assert mb["resumed_from"].endswith(("checkpoint-8", "checkpoint-4"))  # -4 if kill -9 cut checkpoint-8's state file
 
 
-@pytest.mark.skipif(not os.environ.get("LLAMA_FT_SLOW_TESTS"), reason="slow (~1 min each): set LLAMA_FT_SLOW_TESTS=1")
+@pytest.mark.slow  # ~1 min each
 @pytest.mark.parametrize("stage", ["reward", "dpo"])
 def test_reward_and_dpo_resume_to_the_same_result(stage, trained_run, tmp_path):
     common = ["--set", "model.name=builtin:tiny-llama-2", "--set", "data.max_length=256", "--set", "data.eval=null",

@@ -23,7 +23,7 @@ def trainer_arguments(recipe: Recipe, out: Path, *, has_eval: bool) -> dict:
     t = recipe.train
     dtype = models.compute_dtype(recipe.model.dtype)
     on_gpu = torch.cuda.is_available()
-    sharded = distributed.engine() in ("fsdp", "deepspeed")
+    sharded = distributed.is_sharded()
     return dict(
         output_dir=str(out),
         num_train_epochs=t.epochs,
@@ -74,7 +74,7 @@ def save_adapter(trainer, folder: Path, adapters: list[str] | None = None) -> No
     """The trained adapter(s) and the tokenizer into `folder`. Called by every process: under FSDP / ZeRO-3 the
     sharded weights are gathered first (a collective step); the main process writes."""
     state = None
-    if distributed.engine() in ("fsdp", "deepspeed"):
+    if distributed.is_sharded():
         if distributed.engine() == "fsdp":
             trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")  # SHARDED would write nothing
         state = trainer.accelerator.get_state_dict(trainer.model_wrapped)

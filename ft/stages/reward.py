@@ -58,7 +58,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     runs.save_final(out, lambda tmp: common.save_adapter(trainer, tmp))
     evaluated = eval_pairs or train_pairs
     accuracy = distributed.on_main(lambda: pairwise_accuracy(Scorer(trainer.model, tokenizer), evaluated)) \
-        if distributed.engine() not in models.SHARDED else None  # sharded weights: score the saved run with `score`
+        if not distributed.is_sharded() else None  # sharded weights: score the saved run with `score`
     metrics = {
         "stage": "reward",
         "margin": mode,

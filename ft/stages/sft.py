@@ -93,7 +93,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     }
     if eval_set is not None:
         metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
-    if t.generate_samples and distributed.engine() not in models.SHARDED:  # sharded weights: no one process can generate
+    if t.generate_samples and not distributed.is_sharded():  # sharded weights: no one process can generate
         step = max(len(train_dialogs) // t.generate_samples, 1)  # spread over the data, not just its head
         picked = train_dialogs[::step][: t.generate_samples]
         metrics["samples"] = distributed.on_main(lambda: generate_samples(trainer.model, tokenizer, picked, log))

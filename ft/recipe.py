@@ -9,6 +9,8 @@ stores and what later commands read back.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -450,11 +452,12 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
 
 
+_TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+_PLURAL = {str: "strings", int: "integers", float: "numbers", DataSource: "sources (path, format, split, data_dir)"}
+
+
 def _type_text(annotation) -> str:
     """A field's type in words: "integer", "one of `4bit`, `8bit`, `none`", "list of strings, or null"."""
-    import types
-    import typing
-
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
         return "one of " + ", ".join(f"`{a}`" for a in args)
@@ -469,12 +472,8 @@ def _type_text(annotation) -> str:
     return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
-_TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean"}
-_PLURAL = {str: "strings", int: "integers", float: "numbers", DataSource: "sources (path, format, split, data_dir)"}
-
-
 def _bounds(field) -> str:
-    """The field's numeric limits (pydantic's gt/ge/lt/le), e.g. " > 0", " from 0 to 1"."""
+    """The field's numeric limits (pydantic's gt/ge/lt/le) as " (> 0)" or " (≥ 0, ≤ 1)"; "" without any."""
     limits = {}
     for item in field.metadata:
         for name in ("gt", "ge", "lt", "le"):
@@ -491,9 +490,7 @@ def _escape(text: str) -> str:
 
 
 def _section_type(annotation) -> type[BaseModel] | None:
-    """The Section class of a field typed `Section` or `Section | None`."""
-    import typing
-
+    """The Section class of a field typed `Section`, `Section | None` or `list[Section]`."""
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, Section):
             return candidate

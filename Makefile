@@ -1,6 +1,6 @@
 # Two commands for a newcomer on a fresh machine:
 #   make demo   set up .venv and train the built-in tiny model end to end (offline, CPU, ~1 minute)
-#   make test   set up .venv and run the test suite (offline, CPU, a few minutes)
+#   make test   set up .venv and run the test suite (offline, CPU, a few minutes; it builds the docs site too)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
 	touch $@
 
 demo: setup
@@ -25,7 +25,7 @@ demo: setup
 
 # One thread per process and one test process per core (pytest-xdist; a file's tests stay on one worker so its
 # fixtures are built once): the tiny model's ops are too small to share a core, and with 2 threads per process a
-# 40-step sft took 16 s once and 107 s the next time (13.6-13.8 s with one). On 2 cores: ~5 min instead of ~8.5.
+# 40-step sft took 16 s once and 107 s the next time (13.6-13.8 s with one). The suite's time: docs/contributing.md.
 test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 

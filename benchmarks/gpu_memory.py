@@ -2,7 +2,7 @@
 exact shapes (memory and speed do not depend on the weights' values). Needs a CUDA GPU and no download: the weights
 are random, the tokenizer is the built-in tiny model's (its ids fit in Llama 2's 32,000-row embedding).
 
-NOT RUN for this release: no GPU was available where it was built (see README, "Will it fit?"). Run it on one:
+NOT RUN for this release: no GPU was available where it was built (see docs/fit.md). Run it on one:
 
     python benchmarks/gpu_memory.py --gpu t4 --sizes 7b,13b --steps 6 --json gpu_memory.json
 

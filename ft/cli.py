@@ -251,10 +251,16 @@ def recipes(
 
 
 @app.command()
-def keys():
+def keys(
+    markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown page docs/recipe-keys.md instead "
+                                  "(type, default and meaning of every key, by section)."),
+):
     """Every recipe key with its default and meaning."""
-    from ft.recipe import field_docs
+    from ft.recipe import field_docs, keys_markdown
 
+    if markdown:
+        typer.echo(keys_markdown(), nl=False)
+        return
     for key, default, doc in field_docs():
         typer.echo(f"{key:<34} {default:<14} {doc}")
 

@@ -9,6 +9,8 @@ stores and what later commands read back.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,8 +145,8 @@ class RejectionSection(Section):
     safety_threshold: float = Field(0.15, ge=0, le=1, description="Use the safety score when it is below this (0..1).")
     k: int = Field(4, ge=1, description="Answers sampled per prompt.")
     temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(256, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest sampled answer in tokens.")
     batch_size: int = Field(8, gt=0, description="Prompts per generation batch.")
 
 
@@ -214,8 +216,8 @@ class GAttSection(Section):
         "not start following an instruction nobody gave (0: every dialog gets one, as in the paper)."
     )
     temperature: float = Field(0.7, gt=0, description="Sampling temperature of the answers.")
-    top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(256, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest answer per turn in tokens.")
     retries: int = Field(2, ge=0, description="Re-samples of a final answer that fails its checks before the dialog is dropped.")
     batch_size: int = Field(8, gt=0, description="Dialogs per generate call.")
     eval_turns: int = Field(6, ge=1, description="Adherence is measured at turns 1..eval_turns (20 on a real model).")
@@ -245,17 +247,17 @@ STAGE_SECTIONS = {s.section: s.name for s in STAGES.values() if s.section}  # se
 
 class Recipe(Section):
     stage: Literal[tuple(STAGES)] = Field("sft", description="Which stage this recipe is for.")
-    model: ModelSection
-    lora: LoraSection = Field(default_factory=LoraSection)
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
+    model: ModelSection = Field(description="The base model and how it is loaded.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="The LoRA adapter trained on the frozen base.")
+    data: DataSection = Field(description="Training and evaluation data.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimiser, schedule, batches, checkpoints, logging.")
     reward: RewardSection | None = Field(None, description="Reward-model settings (stage: reward).")
     dpo: DPOSection | None = Field(None, description="DPO settings (stage: dpo).")
     rejection: RejectionSection | None = Field(None, description="Rejection-sampling settings (stage: rejection).")
     ppo: PPOSection | None = Field(None, description="PPO / RLOO / GRPO settings (stage: ppo).")
     gatt: GAttSection | None = Field(None, description="Ghost Attention settings (stage: gatt).")
     output_dir: str = Field(description="The run folder (relative to the current directory).")
-    output: OutputSection = Field(default_factory=OutputSection)
+    output: OutputSection = Field(default_factory=OutputSection, description="Publishing the finished run to the Hub.")
 
     @model_validator(mode="after")
     def _sections_match_stage(self):
@@ -387,25 +389,110 @@ def _section_at(keys: list[str]) -> type[BaseModel] | None:
 
 def field_docs() -> list[tuple[str, str, str]]:
     """(dotted key, default, description) for every recipe key: shown by `llama-ft keys`."""
-    rows = []
+    return [(key, _default(field), field.description or "") for key, field, section in _walk(Recipe, "") if section is None]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            ann = _section_type(field.annotation)
-            if ann is not None:
-                walk(ann, f"{prefix}{name}.")
-                continue
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            rows.append((f"{prefix}{name}", default, field.description or ""))
 
-    walk(Recipe, "")
-    return rows
+def keys_markdown() -> str:
+    """The recipe-key reference as a Markdown page (docs/recipe-keys.md, `llama-ft keys --markdown`): one table per
+    top-level section, every key with its type, default and meaning, straight from this schema."""
+    lines = ["# Recipe keys", "",
+             "<!-- Generated from the schema in ft/recipe.py by `llama-ft keys --markdown > docs/recipe-keys.md`: "
+             "edit the field descriptions there and regenerate; tests/test_docs.py checks the two agree. -->", "",
+             "Every key a recipe may set, with its type, its default and what it does; `llama-ft keys` prints the same "
+             "list in a terminal. Unknown keys are errors with a \"did you mean\" hint, wrong types name the key and "
+             "the value, and `--set dotted.key=value` overrides any key (the value is YAML). A stage's own section "
+             "(`reward:`, `dpo:`, `rejection:`, `ppo:`, `gatt:`) belongs only to a recipe of that stage.", ""]
+    header = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    top = [(key, field) for key, field, section in _walk(Recipe, "") if "." not in key and section is None]
+    lines += ["## Top level", "", *header, *(_key_row(key, field) for key, field in top), ""]
+    for name, field in Recipe.model_fields.items():
+        section = _section_type(field.annotation)
+        if section is None:
+            continue
+        see = f" More in [{_GUIDES[name][1]}]({_GUIDES[name][0]})." if name in _GUIDES else ""
+        lines += [f"## `{name}`", "", _escape(field.description or "") + see, "", *header]
+        lines += [_key_row(key, sub) for key, sub, _ in _walk(section, f"{name}.")]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# The docs page (relative to docs/) that explains each section, linked from its table.
+_GUIDES = {"data": ("data.md", "Data formats"),
+           "reward": ("stages/reward-dpo.md", "Reward models and DPO"), "dpo": ("stages/reward-dpo.md", "Reward models and DPO"),
+           "rejection": ("stages/rejection.md", "Rejection sampling"), "ppo": ("stages/ppo.md", "PPO"),
+           "gatt": ("stages/gatt.md", "Ghost Attention"), "output": ("hub.md", "Publishing to the Hub")}
+
+
+def _walk(model: type[BaseModel], prefix: str):
+    """(dotted key, field, its Section class or None) for every field of `model`, depth first: a field holding a
+    section (or a list of them, as data.train) comes just before its own keys."""
+    for name, field in model.model_fields.items():
+        section = _section_type(field.annotation)
+        yield f"{prefix}{name}", field, section
+        if section is not None:
+            yield from _walk(section, f"{prefix}{name}.")
+
+
+def _default(field) -> str:
+    return "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+
+
+def _key_row(key: str, field) -> str:
+    default = "required" if field.is_required() else f"`{_yaml_value(field.get_default(call_default_factory=True))}`"
+    kind = _type_text(field.annotation)
+    if kind.endswith(", or null"):  # the limits are the number's: "integer (> 0), or null"
+        kind = kind.removesuffix(", or null") + _bounds(field) + ", or null"
+    else:
+        kind += _bounds(field)
+    return f"| `{key}` | {kind} | {default} | {_escape(field.description or '')} |"
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as it is written in a recipe: null, true, 0.0002, 1e-05, [q_proj, v_proj]."""
+    if isinstance(value, float):
+        return repr(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
+
+
+_TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+_PLURAL = {str: "strings", int: "integers", float: "numbers", DataSource: "sources (path, format, split, data_dir)"}
+
+
+def _type_text(annotation) -> str:
+    """A field's type in words: "integer", "one of `4bit`, `8bit`, `none`", "list of strings, or null"."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        kept = [a for a in args if a is not type(None)]
+        text = " or ".join(_type_text(a) for a in kept)
+        return f"{text}, or null" if len(kept) < len(args) else text
+    if origin is list:
+        return "list of " + _PLURAL.get(args[0], _type_text(args[0]))
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return "section"
+    return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _bounds(field) -> str:
+    """The field's numeric limits (pydantic's gt/ge/lt/le) as " (> 0)" or " (≥ 0, ≤ 1)"; "" without any."""
+    limits = {}
+    for item in field.metadata:
+        for name in ("gt", "ge", "lt", "le"):
+            if getattr(item, name, None) is not None:
+                limits[name] = getattr(item, name)
+    words = [f"{sign} {limits[name]}" for name, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
+             if name in limits]
+    return f" ({', '.join(words)})" if words else ""
+
+
+def _escape(text: str) -> str:
+    """Description text safe in a Markdown table cell: no column breaks, no HTML tags (</s>), no emphasis (**kwargs)."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace("*", "\\*")
 
 
 def _section_type(annotation) -> type[BaseModel] | None:
-    """The Section class of a field typed `Section` or `Section | None`."""
-    import typing
-
+    """The Section class of a field typed `Section`, `Section | None` or `list[Section]`."""
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, Section):
             return candidate

@@ -69,7 +69,7 @@ def setup() -> None:
 
     if not dist.is_initialized() or dist.get_world_size() != world_size():
         raise UserError(f"WORLD_SIZE={world_size()} but no process group of that size could be made; launch with "
-                        "torchrun or accelerate launch (see the README, 'More than one GPU')")
+                        "torchrun or accelerate launch (see docs/multi-gpu.md)")
 
 
 def _group():

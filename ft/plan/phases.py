@@ -22,6 +22,8 @@ PhaseKind = Literal["sample", "score", "train"]
 
 @dataclass
 class Phase:
+    """One part of a stage: what it keeps on the GPU, and how long it takes over the whole run."""
+
     kind: PhaseKind  # what the phase does: generate answers, score them (no gradients), or train
     name: str
     terms: dict[str, int]  # allocated bytes by term (allocator slack and CUDA context added by finish())

@@ -38,7 +38,7 @@ def fixed_seconds(s: Step, gpu: GPU) -> float:
     weight, write and read back the 16-bit copy), at ~70% of the memory bandwidth; plus launch overheads."""
     passes = 1 if not s.train else (3 if s.checkpointing else 2)
     seconds = passes * s.shape.layers * LAUNCH_SECONDS
-    if s.quantization in ("4bit", "8bit") and gpu.bandwidth:
+    if s.quantised and gpu.bandwidth:
         per_param = (NF4_DQ_BITS / 8 if s.quantization == "4bit" else 1) + 2 * s.compute_bytes
         seconds += passes * s.shape.linear_params() * per_param / (gpu.bandwidth * 1e9 * 0.7)
     return seconds

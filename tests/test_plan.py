@@ -5,7 +5,6 @@ No network, no weights: everything here is arithmetic on configs, except one sma
 import json
 import socket
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -129,7 +128,9 @@ def test_gpu_by_memory_and_by_name():
 
 def test_no_network_and_no_weights(tmp_path, monkeypatch):
     """Built-in Llama 2 configs need nothing; a Hub id is read from the local cache only, never fetched."""
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # what HF_HUB_CACHE sets, at import
 
     def no_network(*args, **kwargs):
         raise AssertionError("plan tried to open a network connection")
@@ -141,7 +142,10 @@ def test_no_network_and_no_weights(tmp_path, monkeypatch):
         assert "built-in" in source
     with pytest.raises(UserError, match=r"config\.json is not in the local Hugging Face cache.*hf download"):
         plan.model_shape("someone/llama-3-8b")
-    snap = tmp_path / "hub" / "models--someone--llama-3-8b" / "snapshots" / "abc"
+    repo = tmp_path / "hub" / "models--someone--llama-3-8b"  # as `hf download someone/llama-3-8b config.json` leaves it
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    snap = repo / "snapshots" / "abc"
     snap.mkdir(parents=True)
     (snap / "config.json").write_text(json.dumps({"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
                                                   "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -207,27 +211,38 @@ def test_stage_commands_take_force():
         assert "--force" in option.param_decls, stage
 
 
-# ---------------------------------------------------------------- stages merged later
-
-
-def fake(stage, **section):
-    r = recipe.load(CHAT)
-    fields = {k: getattr(r, k) for k in ("model", "lora", "data", "train", "output_dir", "output")}
-    return types.SimpleNamespace(**fields, stage=stage, **{stage: types.SimpleNamespace(**section)})
+# ---------------------------------------------------------------- stages that sample
 
 
 def test_ppo_and_gatt_are_planned_from_their_keys():
-    t4 = plan.GPUS["t4"]
-    ppo = dict(algorithm="ppo", reward_models=["runs/rm"], safety_model=None, batch_size=64, samples_per_prompt=1,
-               mini_batch_size=8, generation_batch_size=8, max_new_tokens=256)
-    one = plan.make(fake("ppo", **ppo), t4, advice=False)
-    two = plan.make(fake("ppo", **{**ppo, "reward_models": ["runs/rm", "runs/rm2"]}), t4, advice=False)
-    rloo = plan.make(fake("ppo", **{**ppo, "algorithm": "rloo"}), t4, advice=False)
-    assert [p.name for p in one.phases] == ["sample", "train (policy + value)"]
+    ppo = ROOT / "recipes" / "ppo.yaml"
+    one = make(ppo, ["ppo.safety_model=null"], advice=False)
+    two = make(ppo, ["ppo.safety_model=null", "ppo.reward_models=[runs/rm,runs/rm2]"], advice=False)
+    rloo = make(ppo, ["ppo.safety_model=null", "ppo.algorithm=rloo"], advice=False)
+    assert [(p.kind, p.name) for p in one.phases] == [("sample", "sample"), ("train", "train (policy + value)")]
     assert two.breakdown["lora"] > one.breakdown["lora"] > rloo.breakdown["lora"]  # adapters on the one base
     assert one.breakdown["weights"] == make().breakdown["weights"]  # one 4-bit base for all of them
-    gatt = plan.make(fake("gatt", batch_size=4, max_new_tokens=256, max_turns=4), t4, advice=False)
-    assert [p.name for p in gatt.phases] == ["sample", "train"] and gatt.phases[0].terms["kv_cache"] > 0
+    gatt = make(ROOT / "recipes" / "gatt.yaml", advice=False)
+    assert [(p.kind, p.name) for p in gatt.phases] == [("sample", "sample"), ("train", "train")]
+    assert gatt.phases[0].terms["kv_cache"] > 0
+
+
+def test_the_memory_model_is_pure_arithmetic():
+    """ft/plan/memory.py imports only the standard library (and at most ft.recipe), and importing it brings in no
+    machine-learning library: it can be read and tested without a model, a GPU or a recipe."""
+    import ast
+    import subprocess
+
+    tree = ast.parse((ROOT / "ft" / "plan" / "memory.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    outside = {m for m in imported if m.split(".")[0] not in sys.stdlib_module_names and m != "ft.recipe"}
+    assert imported and not outside, outside
+    code = "import sys, ft.plan.memory; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.split())
+    assert "ft.plan.memory" in loaded
+    assert not loaded & {"torch", "transformers", "peft", "trl", "bitsandbytes", "huggingface_hub", "numpy"}
 
 
 # ---------------------------------------------------------------- activations: what autograd really saves

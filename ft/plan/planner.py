@@ -1,0 +1,124 @@
+"""The plan of a recipe on a GPU: its phases (ft/plan/phases.py), the peak phase's memory breakdown, whether it fits,
+the time of the whole run and how many sessions that takes, and (when it does not fit) the advice."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ft.errors import UserError
+from ft.plan.datasize import DataSize, data_size, tokenizer_file
+from ft.plan.hardware import GPU
+from ft.plan.memory import Step, finish
+from ft.plan.phases import STAGES, Context, Phase, PhaseKind
+from ft.plan.shapes import model_shape
+from ft.recipe import Recipe
+
+
+@dataclass
+class Plan:
+    stage: str
+    model: str
+    model_source: str
+    gpu: GPU
+    phases: list[Phase]
+    data: DataSize
+    schedule: dict
+    session_hours: float
+    notes: list[str]
+    step: Step  # the recipe's training step as configured, before a stage's changes (the report's model lines)
+    advice: list[dict] = field(default_factory=list)
+
+    @property
+    def peak_phase(self) -> Phase:
+        return max(self.phases, key=lambda p: sum(finish(p.terms).values()))
+
+    @property
+    def train_phase(self) -> Phase | None:
+        return next((p for p in self.phases if p.kind == "train"), None)
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        return finish(self.peak_phase.terms)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.breakdown.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.gpu.memory
+
+    @property
+    def seconds(self) -> float | None:
+        """Every phase's time (sampling, scoring, training), or None if any is unknown."""
+        parts = [p.seconds for p in self.phases]
+        return None if any(s is None for s in parts) or not parts else sum(parts)
+
+    @property
+    def hours(self) -> float | None:
+        return None if self.seconds is None else self.seconds / 3600
+
+    @property
+    def sessions(self) -> int | None:
+        return None if self.hours is None else max(1, math.ceil(self.hours / self.session_hours))
+
+    def to_json(self) -> dict:
+        phase = self.peak_phase
+        train = self.train_phase or phase
+        return {
+            "stage": self.stage,
+            "model": self.model,
+            "model_config": self.model_source,
+            "gpu": {"name": self.gpu.key, "label": self.gpu.label, "memory_bytes": self.gpu.memory,
+                    "tflops": self.gpu.tflops, "utilisation": self.gpu.utilisation, "utilisation_source": self.gpu.source},
+            "peak_bytes": self.peak_bytes,
+            "gpu_bytes": self.gpu.memory,
+            "fits": self.fits,
+            "spare_bytes": self.gpu.memory - self.peak_bytes,
+            "peak_phase": phase.name,
+            "breakdown": self.breakdown,
+            "phases": {p.name: {"peak_bytes": sum(finish(p.terms).values()), "breakdown": finish(p.terms),
+                                "hours": None if p.seconds is None else p.seconds / 3600, "note": p.note}
+                       for p in self.phases},
+            "hours": self.hours,
+            "time": {
+                "data": {"rows": self.data.rows, "mean_tokens": self.data.tokens, "method": self.data.method,
+                         "source": self.data.source},
+                **self.schedule,
+                "flops_per_token": train.flops_per_token,
+                "session_hours": self.session_hours,
+                "fits_session": None if self.hours is None else self.hours <= self.session_hours,
+                "sessions": self.sessions,
+                "resume_restarts": None if self.sessions is None else self.sessions - 1,
+            },
+            "advice": self.advice,
+            "notes": self.notes,
+        }
+
+
+def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool = True,
+         skip: tuple[PhaseKind, ...] = (), data: DataSize | None = None) -> Plan:
+    """The plan of a validated recipe on a GPU. `skip`: phase kinds to leave out (("train",): rejection --no-train).
+    `data`: the training data's size, if already known (advice re-plans the same data many times)."""
+    from ft.plan.advice import advise  # advice re-plans with make(): the two call each other
+
+    stage = STAGES.get(recipe.stage)
+    if stage is None:
+        raise UserError(f"stage {recipe.stage}: plan knows {', '.join(STAGES)}")
+    shape, source = model_shape(recipe.model.name)
+    if data is None:
+        data = data_size(recipe.data.train, kind=stage.data_kind, tokenizer_file=tokenizer_file(recipe))
+    ctx = Context(recipe, shape, gpu, data)
+    phases = [p for p in stage.phases(ctx) if p.kind not in skip]
+    if recipe.model.quantization == "4bit" and recipe.train.optim.startswith("paged"):
+        ctx.notes.append("paged optimisers can spill their state to CPU memory under pressure; counted as on the GPU")
+    if data.rows is None:
+        ctx.notes.append("training data size unknown: no time estimate (use a local file, a Hub dataset plan knows, "
+                         "or train.max_steps)" if not recipe.train.max_steps else
+                         "training data size unknown: time from train.max_steps")
+    plan = Plan(recipe.stage, recipe.model.name, source, gpu, phases, data, ctx.schedule, session_hours, ctx.notes,
+                ctx.step())
+    if advice and not plan.fits:
+        plan.advice = advise(recipe, gpu, plan, skip=skip)
+    return plan

@@ -20,8 +20,10 @@ TINY_MODEL = ["--set", "model.name=builtin:tiny-llama-2"]
 def test_every_declared_stage_has_a_module_a_command_and_a_recipe_name():
     import importlib
 
+    from ft import plan
+
     commands = {c.name for c in app.registered_commands}
-    assert set(STAGES) == set(RECIPE_OF) <= commands
+    assert set(STAGES) == set(RECIPE_OF) == set(plan.STAGES) and set(STAGES) <= commands
     for name, stage in STAGES.items():
         assert callable(importlib.import_module(f"ft.stages.{name}").run), name
         assert recipe_mod.load(RECIPE_OF[name]).stage == name

@@ -296,18 +296,17 @@ def phases_gatt(ctx: Context) -> list[Phase]:
 
 
 class StagePlan(NamedTuple):
-    data_kind: str  # what data.train holds: dialogs | pairs | prompts (how plan sizes it)
     phases: Callable[[Context], list[Phase]]
     sampling_batch: str | None = None  # the recipe key of its generate() batch, which advice may lower
 
 
-# The stage facts the planner needs, in one place. The stage registry being built in ft/stages/__init__.py will own
-# what a stage is (its data kind among it); point this spot at it then, keeping the planner's own facts here.
+# What the planner adds to each stage declared in ft/stages/__init__.py (which owns what a stage is, its data kind
+# among it): how its memory and time are counted.
 STAGES: dict[str, StagePlan] = {
-    "sft": StagePlan("dialogs", phases_sft),
-    "reward": StagePlan("pairs", phases_reward),
-    "dpo": StagePlan("pairs", phases_dpo),
-    "rejection": StagePlan("prompts", phases_rejection, "rejection.batch_size"),
-    "ppo": StagePlan("prompts", phases_ppo, "ppo.generation_batch_size"),
-    "gatt": StagePlan("dialogs", phases_gatt, "gatt.batch_size"),
+    "sft": StagePlan(phases_sft),
+    "reward": StagePlan(phases_reward),
+    "dpo": StagePlan(phases_dpo),
+    "rejection": StagePlan(phases_rejection, "rejection.batch_size"),
+    "ppo": StagePlan(phases_ppo, "ppo.generation_batch_size"),
+    "gatt": StagePlan(phases_gatt, "gatt.batch_size"),
 }

@@ -13,6 +13,7 @@ from ft.plan.memory import Step, finish
 from ft.plan.phases import STAGES, Context, Phase, PhaseKind
 from ft.plan.shapes import model_shape
 from ft.recipe import Recipe
+from ft.stages import STAGES as declared
 
 
 @dataclass
@@ -108,7 +109,7 @@ def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool 
         raise UserError(f"stage {recipe.stage}: plan knows {', '.join(STAGES)}")
     shape, source = model_shape(recipe.model.name)
     if data is None:
-        data = data_size(recipe.data.train, kind=stage.data_kind, tokenizer_file=tokenizer_file(recipe))
+        data = data_size(recipe.data.train, kind=declared[recipe.stage].data_kind, tokenizer_file=tokenizer_file(recipe))
     ctx = Context(recipe, shape, gpu, data)
     phases = [p for p in stage.phases(ctx) if p.kind not in skip]
     if recipe.model.quantization == "4bit" and recipe.train.optim.startswith("paged"):

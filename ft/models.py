@@ -146,11 +146,13 @@ def lora_config(lora: LoraSection, *, reward: bool = False):
 
 
 def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient_checkpointing: bool = True,
-                reward: bool = False):
+                reward: bool = False, upcast_frozen: bool = False):
     """Make `base` trainable through LoRA: a new adapter, or an earlier run's adapter to continue.
 
-    For a quantised base, peft's prepare_model_for_kbit_training freezes it, keeps norms and the
-    head in float32 and turns on (non-reentrant) gradient checkpointing.
+    A quantised base is frozen as it was loaded: NF4/int8 projections, and the embeddings, norms and LM head in
+    the compute dtype (see freeze_quantized), with (non-reentrant) gradient checkpointing. `upcast_frozen`
+    (model.upcast_frozen) takes peft's prepare_model_for_kbit_training instead, which upcasts those to float32.
+    LoRA weights (and a reward model's score head) are float32 either way.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -163,10 +165,12 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
         if gradient_checkpointing:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
             base.enable_input_require_grads()
-    elif getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+    elif (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)) and upcast_frozen:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
+    elif getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        freeze_quantized(base, gradient_checkpointing=gradient_checkpointing, ckpt_kwargs=ckpt_kwargs)
     elif gradient_checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
         base.enable_input_require_grads()
@@ -180,7 +184,37 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
     else:
         model = get_peft_model(base, lora_config(lora, reward=reward))
     keep_lora_float32(model)
+    float32_outputs(model)
     return model
+
+
+def freeze_quantized(base, *, gradient_checkpointing: bool, ckpt_kwargs: dict) -> None:
+    """What prepare_model_for_kbit_training does for LoRA, without its float32 upcast: every base weight frozen as
+    loaded, so the embeddings, norms and LM head stay in the compute dtype (float16 on a T4, bfloat16 where supported)
+    and so does the residual stream and every tensor gradient checkpointing keeps, 2 bytes per hidden unit instead
+    of 4. Llama's RMSNorm computes its statistics in float32 itself and returns the input dtype; LoRA layers cast
+    their input to their float32 weights (peft) and back; float32_outputs keeps the logits and the loss float32."""
+    for param in base.parameters():
+        param.requires_grad = False
+    if gradient_checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        base.enable_input_require_grads()  # the checkpointed layers' input must carry a gradient to reach LoRA
+
+
+def float32_outputs(model) -> None:
+    """The LM head's logits in float32 (log-softmax and loss then run in float32, as TRL's log-prob path does; a
+    no-op where the head already is float32), and a trained float32 head (a reward model's score) fed float32:
+    without autocast (the CPU), a 16-bit residual stream would not multiply with it."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head.weight.dtype != torch.float32:
+        head.register_forward_hook(lambda module, args, output: output.float())
+    for name, module in model.named_modules():  # LoRA's own layers cast their input themselves
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name and module.weight.dtype == torch.float32 \
+                and module.weight.requires_grad:
+            module.register_forward_pre_hook(lambda module, args: tuple(
+                a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
 
 
 def load_adapter(base, folder: str | Path, *, trainable: bool = False, what: str = "adapter"):

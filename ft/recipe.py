@@ -37,6 +37,11 @@ class ModelSection(Section):
         "auto", description="Compute dtype. auto: bfloat16 where the GPU supports it, float16 on other GPUs (T4), float32 on CPU."
     )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel (SDPA works on a T4).")
+    upcast_frozen: bool = Field(
+        False, description="With a 4-bit or 8-bit base: upcast the frozen embeddings, norms and LM head to float32 as "
+        "peft's prepare_model_for_kbit_training does (the residual stream then runs in float32: ~2 GiB more on a 7B "
+        "T4 run). Default: they stay in the compute dtype; the logits and the loss are float32 either way."
+    )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the checkpoint. Llama 2 needs none; only for a repository you trust."
     )

@@ -36,7 +36,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
 
     # 2. policy = base + trainable adapter; TRL adds a frozen copy of it as the "ref" adapter
     base = models.load_model(recipe.model)
-    model = models.attach_lora(base, recipe.lora, adapter=adapter, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    model = models.attach_lora(base, recipe.lora, adapter=adapter, gradient_checkpointing=recipe.train.gradient_checkpointing,
+                               upcast_frozen=recipe.model.upcast_frozen)
 
     # 3. train
     config = DPOConfig(**common.trainer_arguments(recipe, out, has_eval=eval_pairs is not None),

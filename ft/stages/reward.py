@@ -43,7 +43,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     # 2. model: 4-bit base with a score head, LoRA
     base = models.load_model(recipe.model, reward=True)
     model = models.attach_lora(base, recipe.lora, adapter=recipe.model.adapter,
-                               gradient_checkpointing=recipe.train.gradient_checkpointing, reward=True)
+                               gradient_checkpointing=recipe.train.gradient_checkpointing, reward=True,
+                               upcast_frozen=recipe.model.upcast_frozen)
 
     # 3. train
     config = RewardConfig(**common.trainer_arguments(recipe, out, has_eval=False), max_length=cfg.max_length,

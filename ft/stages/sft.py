@@ -41,7 +41,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     # 2. model: quantised base + LoRA (or the adapter of an earlier run)
     base = models.load_model(recipe.model)
     model = models.attach_lora(
-        base, recipe.lora, adapter=recipe.model.adapter, gradient_checkpointing=recipe.train.gradient_checkpointing
+        base, recipe.lora, adapter=recipe.model.adapter, gradient_checkpointing=recipe.train.gradient_checkpointing,
+        upcast_frozen=recipe.model.upcast_frozen,
     )
 
     # 3. trainer: the recipe mapped onto TRL's SFTConfig

@@ -67,7 +67,7 @@ def read_rows(source: DataSource) -> tuple[list[tuple[str, dict]], str]:
         suffix = path.suffix.lower()
         if suffix not in LOCAL_SUFFIXES:
             raise UserError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
-        if suffix == ".jsonl" or (suffix == ".json" and _looks_like_lines(path)):
+        if suffix == ".jsonl" or (suffix == ".json" and looks_like_lines(path)):
             return _read_json_lines(path), str(path)
         if suffix == ".json":
             return _read_json_array(path), str(path)
@@ -81,7 +81,7 @@ def read_rows(source: DataSource) -> tuple[list[tuple[str, dict]], str]:
     return _read_with_datasets(source.path, source.path, source.split, **extra), f"{source.path}[{source.split}]"
 
 
-def _looks_like_lines(path: Path) -> bool:
+def looks_like_lines(path: Path) -> bool:
     for _, line in _text_lines(path):
         if line.strip():
             return not line.lstrip().startswith("[")
@@ -227,11 +227,6 @@ def check_rows(sources: list[DataSource], convert, *, skip_invalid: bool, what: 
     if not items:
         raise UserError(f"no valid {what} in " + ", ".join(s.path for s in sources))
     report.examples = len(items)
-    import datasets
-
-    # every row is read and counted: the map/filter passes that follow (packing, TRL's preparation) reshape rows
-    # already reported, and their progress bars would only interleave with llama-ft's report
-    datasets.disable_progress_bars()
     return items, report
 
 

@@ -167,7 +167,7 @@ def _local_size(path: Path, src: DataSource, kind: str, tokenizer_file: Path | N
 def _sample_rows(path: Path, src: DataSource) -> tuple[list, int]:
     """The first SAMPLE_ROWS rows of a local JSON Lines or JSON file, and how many rows it has (JSON Lines are
     counted without parsing past the sample, so a large file is sized quickly)."""
-    if path.suffix.lower() == ".jsonl" or data._looks_like_lines(path):
+    if path.suffix.lower() == ".jsonl" or data.looks_like_lines(path):
         rows, total = [], 0
         with path.open(encoding="utf-8") as f:
             for line in f:

@@ -115,6 +115,11 @@ def run_stage(stage: str, recipe: str | Path, *, overrides: Sequence[str] = (), 
             raise UserError("output.push pushes the adapter trained on the best samples; drop --no-train or output.push")
         _check_push_access(loaded.output.repo_id)
 
+    import datasets
+
+    # every data row is read, checked and counted by llama-ft, which reports them; the datasets map/filter passes that
+    # follow (packing, TRL's preparation) reshape rows already reported, and their bars would interleave with it
+    datasets.disable_progress_bars()
     options = {"train": train} if info.then_sft else {}
     try:
         importlib.import_module(f"ft.stages.{stage}").run(loaded, resume=resume, log=distributed.main_print, **options)

@@ -26,16 +26,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     # 1. tokenizer and data: every row is checked before the model is loaded
     tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     cfg = recipe.data
-    load = lambda sources: data.load_sft(sources, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid,
-                                         packing=cfg.packing)
-    train_set, train_report, train_dialogs = distributed.on_main(lambda: load(cfg.train))  # once, for every process
-    log(train_report.summary("train data"))
-    for note in train_report.notes:
-        log(f"  {note}")
-    eval_set, eval_report = None, None
-    if cfg.eval:
-        eval_set, eval_report, _ = distributed.on_main(lambda: load(cfg.eval))
-        log(eval_report.summary("eval data"))
+    train_set, train_report, train_dialogs, eval_set, eval_report = load_data(recipe, tokenizer, log)
     batch = common.batch_report(recipe, log)
 
     # 2. model: quantised base + LoRA (or the adapter of an earlier run)
@@ -102,6 +93,23 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     log(f"loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f} over {metrics['global_step']} steps "
         f"({metrics['supervised_tokens_per_second'] or 0:.0f} supervised tokens/s)")
     return metrics
+
+
+def load_data(recipe: Recipe, tokenizer, log):
+    """(train set, its report, its checked dialogs, eval set or None, its report or None): read, checked and
+    tokenized once, by the main process, for every process."""
+    cfg = recipe.data
+    load = lambda sources: data.load_sft(sources, tokenizer, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid,
+                                         packing=cfg.packing)
+    train_set, train_report, train_dialogs = distributed.on_main(lambda: load(cfg.train))
+    log(train_report.summary("train data"))
+    for note in train_report.notes:
+        log(f"  {note}")
+    eval_set, eval_report = None, None
+    if cfg.eval:
+        eval_set, eval_report, _ = distributed.on_main(lambda: load(cfg.eval))
+        log(eval_report.summary("eval data"))
+    return train_set, train_report, train_dialogs, eval_set, eval_report
 
 
 def generate_samples(model, tokenizer, dialogs: list[dict], log) -> dict:

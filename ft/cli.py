@@ -281,8 +281,8 @@ def chat(
 
 @app.command()
 def compare(
-    a: str = typer.Argument(..., help="Model A: anything `llama-ft chat` takes (run folder, merged folder, checkpoint, Hub id)."),
-    b: str = typer.Argument(..., help="Model B, the reference A is measured against."),
+    a: str = typer.Argument(..., metavar="A", help="Model A: anything `llama-ft chat` takes (run folder, merged folder, checkpoint, Hub id)."),
+    b: str = typer.Argument(..., metavar="B", help="Model B, the reference A is measured against."),
     prompts: Path = typer.Option(..., "--prompts", help="JSONL/JSON/CSV/Parquet of prompts (the rows rejection sampling takes)."),
     reward_model: Optional[List[str]] = typer.Option(None, "--reward-model", help="A reward model run judging (repeatable; the first is helpfulness)."),
     safety_model: Optional[str] = typer.Option(None, "--safety-model", help="A safety reward model run, gating as in Llama 2."),

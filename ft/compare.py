@@ -88,7 +88,7 @@ def run(a: str, b: str, prompts_file: str | Path, *, reward_models: list[str] | 
     except OSError as e:
         raise UserError(f"--output {out}: cannot create it ({e.strerror or e})") from None
     try:
-        result = _compare(contestants, prompts, function, reward_models, safety_model, out, log,
+        result, rows = _compare(contestants, prompts, function, reward_models, safety_model, out, log,
                           sampling=dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                         batch_size=batch_size, seed=seed),
                           tie_margin=tie_margin, safety_threshold=safety_threshold)
@@ -98,7 +98,8 @@ def run(a: str, b: str, prompts_file: str | Path, *, reward_models: list[str] | 
         raise
     result["settings"].update({"a": a, "b": b, "prompts": str(prompts_file), "reward_models": reward_models,
                                "safety_model": safety_model, "reward_function": reward_function})
-    runs.write_json(out / RESULT_FILE, result)
+    runs.write_text(out / ROWS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    runs.write_json(out / RESULT_FILE, result)  # last: a folder with a compare.json holds a finished comparison
     return result
 
 
@@ -149,9 +150,16 @@ def _slug(spec: str) -> str:
 
 
 def _reward_function(spec: str):
-    try:
+    with _flag_names():
         return load_reward_function(spec)
-    except UserError as e:  # its messages name the recipe key PPO reads it from
+
+
+@contextlib.contextmanager
+def _flag_names():
+    """The reward function's errors, naming this command's flag instead of the recipe key PPO reads it from."""
+    try:
+        yield
+    except UserError as e:
         raise UserError(str(e).replace("ppo.reward_function", "--reward-function")) from None
 
 
@@ -159,13 +167,50 @@ def _reward_function(spec: str):
 
 
 def _compare(contestants, prompts, function, reward_models, safety_model, out, log, *, sampling, tie_margin,
-             safety_threshold) -> dict:
-    a, b = contestants
-    shared = shared_base(a, b)
-    answers, model, tokenizer, section = {}, None, None, None
+             safety_threshold) -> tuple[dict, list[dict]]:
+    shared = shared_base(*contestants)
+    answers, loaded = _answer(contestants, shared, prompts, reward_models, safety_model, sampling, log)
+    combined, parts = _score(loaded, answers, prompts, function, reward_models, safety_model, safety_threshold,
+                             sampling["batch_size"], log)
+
+    # verdicts: overall (Llama 2's Rc with a safety model), and by each judge alone
+    n, probabilistic = len(prompts), function is None
+    same = [x.text == y.text for x, y in zip(answers["A"], answers["B"])]
+    overall = [verdict(s, sa, sb, tie_margin, probabilistic) for s, sa, sb in zip(same, combined[:n], combined[n:])]
+    by_judge = {name: [verdict(s, sa, sb, tie_margin, probabilistic) for s, sa, sb in zip(same, v[:n], v[n:])]
+                for name, v in parts.items()}
+    rows = [{"prompt": p["prompt"], "origin": p["origin"], "safety": p["safety"],
+             "answer_a": answers["A"][i].text, "answer_b": answers["B"][i].text,
+             "ended_a": answers["A"][i].ended, "ended_b": answers["B"][i].ended,
+             "score_a": combined[i], "score_b": combined[n + i], "verdict": overall[i],
+             "judges": {name: {"score_a": v[i], "score_b": v[n + i], "verdict": by_judge[name][i]}
+                        for name, v in parts.items()}}
+            for i, p in enumerate(prompts)]
+
+    result = {**summary(overall, combined[:n], combined[n:]), "n": n, "interval": INTERVAL,
+              "identical_answers": sum(same),
+              "judges": {name: summary(by_judge[name], v[:n], v[n:]) for name, v in parts.items()}}
+    if safety_model:
+        safety = parts["safety"]
+        result["judges"]["safety"]["flagged"] = {side: sum(sigmoid(s) < safety_threshold for s in values) / n
+                                                 for side, values in (("A", safety[:n]), ("B", safety[n:]))}
+    result["judge"] = ("reward function" if function else
+                       "reward models: helpfulness" + (" gated by safety (Llama 2's Rc)" if safety_model else ""))
+    result["models"] = {c.label: {"model": c.spec, "base": c.base.name, "quantization": c.base.quantization,
+                                  "adapter": c.adapter} for c in contestants}
+    result["models"]["shared_base"] = shared
+    result["settings"] = {**sampling, "greedy": sampling["temperature"] == 0, "tie_margin": tie_margin,
+                          "safety_threshold": safety_threshold, "versions": _versions()}
+    result["files"] = {"rows": str(out / ROWS_FILE), "result": str(out / RESULT_FILE)}
+    return result, rows
+
+
+def _answer(contestants, shared, prompts, reward_models, safety_model, sampling, log):
+    """Both sides' answers ({"A": [Completion], "B": [...]}), and the model still loaded, as a dict (model, tokenizer,
+    section) that the scoring empties: the model is freed as soon as nothing needs it."""
     if shared:
         # one copy of the base: the side with an adapter is loaded as chat loads it, the other side's adapter added
-        host = a if a.adapter or not b.adapter else b
+        host = next((c for c in contestants if c.adapter), contestants[0])
         model, tokenizer = _load(host)
         views = {}
         for c in contestants:
@@ -179,73 +224,44 @@ def _compare(contestants, prompts, function, reward_models, safety_model, out, l
         log(f"A and B on one base ({host.base.name}, {host.base.quantization}): " + ", ".join(
             f"{c.label} {'with its adapter' if views[c.label] else 'the base' + (', adapter off' if host.adapter else '')}"
             for c in contestants))
+        answers = {}
         for c in contestants:
             with _serving(model, views[c.label]):
-                answers[c.label] = _answers(c, model, tokenizer, prompts, log, **sampling)
-        section = host.base
-    else:
-        # one model at a time; the one whose base can carry the reward models answers last and stays for scoring
-        order = sorted(contestants, key=lambda c: _hosts_judges(c, reward_models, safety_model))
-        for i, c in enumerate(order):
-            model, tokenizer = _load(c)
-            answers[c.label] = _answers(c, model, tokenizer, prompts, log, **sampling)
-            section = c.base
-            if i == 0:
-                del model
-                memory.free_models()
-        log("A and B on different bases: one loaded at a time")
-    # the judges: the reward function; or the reward models on the loaded base when they share it, else on their own
+                answers[c.label] = _generate(c, model, tokenizer, prompts, log, **sampling)
+        return answers, {"model": model, "tokenizer": tokenizer, "section": host.base}
+    # one model at a time; the one whose base can carry the reward models answers last and stays for scoring
+    log("A and B on different bases: one loaded at a time")
+    first, last = sorted(contestants, key=lambda c: _hosts_judges(c, reward_models, safety_model))
+    model, tokenizer = _load(first)
+    answers = {first.label: _generate(first, model, tokenizer, prompts, log, **sampling)}
+    del model
+    memory.free_models()
+    model, tokenizer = _load(last)
+    answers[last.label] = _generate(last, model, tokenizer, prompts, log, **sampling)
+    return answers, {"model": model, "tokenizer": tokenizer, "section": last.base}
+
+
+def _score(loaded, answers, prompts, function, reward_models, safety_model, threshold, batch_size, log):
+    """(overall scores, {judge: scores}) of A's answers then B's: the reward function; or the reward models on the
+    loaded base when they share it, else on their own base after the loaded model is freed."""
+    model = loaded.pop("model")
     judges = reward_models + ([safety_model] if safety_model else [])
-    if function is None and not (hasattr(model, "peft_config") and any(same_base(run, section) for run in judges)):
-        del model
+    if function is not None or not (hasattr(model, "peft_config") and any(same_base(run, loaded["section"]) for run in judges)):
+        model = None  # the last reference: freed before anything else loads
         memory.free_models()
-        model, tokenizer, section = _judge_host(reward_models[0])
     if function is not None:
-        rewards = Rewards(function=function, threshold=safety_threshold)
+        rewards = Rewards(function=function, threshold=threshold)
     else:
-        rewards, _, _ = shared_rewards(model, tokenizer, section, reward_models, safety_model,
-                                       threshold=safety_threshold, batch_size=sampling["batch_size"], log=log)
-    n = len(prompts)
+        if model is None:
+            model, loaded["tokenizer"], loaded["section"] = _judge_host(reward_models[0])
+        rewards, _, _ = shared_rewards(model, loaded["tokenizer"], loaded["section"], reward_models, safety_model,
+                                       threshold=threshold, batch_size=batch_size, log=log)
     messages, flags = [p["prompt"] for p in prompts], [p["safety"] for p in prompts]
-    texts = [c.text for c in answers["A"]] + [c.text for c in answers["B"]]
-    combined, parts = rewards(messages + messages, texts, flags + flags)
+    with _flag_names():
+        scores = rewards(messages + messages, [c.text for c in answers["A"] + answers["B"]], flags + flags)
     del rewards, model
     memory.free_models()
-
-    # verdicts: overall (Llama 2's Rc with a safety model), and by each judge alone
-    probabilistic = function is None
-    same = [x.text == y.text for x, y in zip(answers["A"], answers["B"])]
-    overall = [verdict(s, sa, sb, tie_margin, probabilistic) for s, sa, sb in zip(same, combined[:n], combined[n:])]
-    by_judge = {name: [verdict(s, sa, sb, tie_margin, probabilistic) for s, sa, sb in zip(same, v[:n], v[n:])]
-                for name, v in parts.items()}
-    rows = []
-    for i, p in enumerate(prompts):
-        rows.append({"prompt": p["prompt"], "origin": p["origin"], "safety": p["safety"],
-                     "answer_a": answers["A"][i].text, "answer_b": answers["B"][i].text,
-                     "ended_a": answers["A"][i].ended, "ended_b": answers["B"][i].ended,
-                     "score_a": combined[i], "score_b": combined[n + i], "verdict": overall[i],
-                     "judges": {name: {"score_a": v[i], "score_b": v[n + i], "verdict": by_judge[name][i]}
-                                for name, v in parts.items()}})
-    runs.write_text(out / ROWS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-    result = {**summary(overall, combined[:n], combined[n:]), "n": n, "interval": INTERVAL,
-              "identical_answers": sum(same), "judges": {}}
-    for name, v in parts.items():
-        result["judges"][name] = summary(by_judge[name], v[:n], v[n:])
-    if safety_model:
-        safety = parts["safety"]
-        for side, values in (("A", safety[:n]), ("B", safety[n:])):
-            result["judges"]["safety"].setdefault("flagged", {})[side] = sum(
-                sigmoid(s) < safety_threshold for s in values) / n
-    result["judge"] = ("reward function" if function else
-                       "reward models: helpfulness" + (" gated by safety (Llama 2's Rc)" if safety_model else ""))
-    result["models"] = {c.label: {"model": c.spec, "base": c.base.name, "quantization": c.base.quantization,
-                                  "adapter": c.adapter} for c in contestants}
-    result["models"]["shared_base"] = shared
-    result["settings"] = {**sampling, "greedy": sampling["temperature"] == 0, "tie_margin": tie_margin,
-                          "safety_threshold": safety_threshold, "versions": _versions()}
-    result["files"] = {"rows": str(out / ROWS_FILE), "result": str(out / RESULT_FILE)}
-    return result
+    return scores
 
 
 def _load(c: Contestant):
@@ -266,7 +282,7 @@ def _hosts_judges(c: Contestant, reward_models: list[str], safety_model: str | N
     return c.adapter is not None and any(same_base(run, c.base) for run in judges)
 
 
-def _answers(c: Contestant, model, tokenizer, prompts, log, *, temperature, top_p, max_new_tokens, batch_size, seed):
+def _generate(c: Contestant, model, tokenizer, prompts, log, *, temperature, top_p, max_new_tokens, batch_size, seed):
     """Every prompt answered by `model`, batch_size prompts at a time, from the same seed for either side."""
     import torch
 

@@ -57,9 +57,12 @@ def test_a_trained_run_beats_its_untrained_base_on_one_base_or_one_after_the_oth
 
 
 def test_a_model_against_itself_ties_on_every_prompt(trained_run, reward_run, tmp_path):
+    """The run against a copy of its folder: two adapters on one base, sampled from the same seed."""
     run, _ = trained_run
-    result, rows, _ = compare_cli(tmp_path / "self", run, run, "--prompts", PROMPTS, "--reward-model", reward_run,
-                                  "--temperature", "1.0")  # sampled: both sides draw from the same seed
+    copy = shutil.copytree(run, tmp_path / "copy", ignore=shutil.ignore_patterns("checkpoint-*"))
+    result, rows, process = compare_cli(tmp_path / "self", run, copy, "--prompts", PROMPTS, "--reward-model", reward_run,
+                                        "--temperature", "1.0")
+    assert "A with its adapter, B with its adapter" in process.stderr
     assert (result["win"], result["tie"], result["loss"]) == (0, 1, 0) and result["identical_answers"] == 16
     assert all(r["verdict"] == "tie" and r["answer_a"] == r["answer_b"] for r in rows)
     assert len({r["answer_a"] for r in rows}) > 1
@@ -85,6 +88,18 @@ def test_a_tiny_reward_model_judges_with_the_scores_llama_ft_score_gives(trained
     assert result["win"] == sum(r["verdict"] == "win" for r in rows) / 16
     assert list(result["judges"]) == ["helpfulness"] and result["settings"]["tie_margin"] == margin
     assert result["win"] > result["loss"]  # the taught answers are the ones the reward model was trained to prefer
+
+
+def test_reward_models_on_a_base_neither_side_shares_score_on_that_base(reward_run, tiny_dir, tmp_path):
+    elsewhere = shutil.copytree(tiny_dir, tmp_path / "base-copy")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [json.loads(x) for x in PROMPTS.read_text().splitlines()[:4]])
+    result, rows, process = compare_cli(tmp_path / "rm", elsewhere, "builtin:tiny-llama-2", "--prompts", prompts,
+                                        "--reward-model", reward_run)
+    assert not result["models"]["shared_base"] and "adapter + score head on the shared base" in process.stderr
+    standalone = Scorer.load(reward_run)
+    for side in ("a", "b"):
+        scores = standalone([r["prompt"] for r in rows], [r[f"answer_{side}"] for r in rows])
+        assert max(abs(s - r[f"score_{side}"]) for s, r in zip(scores, rows)) < 1e-4
 
 
 def test_the_safety_gate_and_its_two_axes(trained_run, reward_run, tmp_path):
@@ -134,17 +149,11 @@ def test_a_default_output_folder_is_never_an_earlier_comparison(tmp_path, monkey
     assert compare.output_dir(None, "runs/ppo", "meta-llama/Llama-2-7b-chat-hf").name == "ppo-vs-Llama-2-7b-chat-hf-2"
 
 
-@pytest.mark.parametrize("case, message", [
-    ("two judges", "exactly one judge"),
-    ("bad row", "line 2: expected a 'prompt'"),
-])
-def test_bad_input_exits_2_before_any_model_loads(case, message, tmp_path):
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}] + ([{"text": "no prompt"}] if case == "bad row" else []))
-    judge = ["--reward-model", "runs/rm", "--reward-function", CORRECT] if case == "two judges" else ["--reward-function", CORRECT]
-    result = run_cli("compare", "builtin:tiny-llama-2", "builtin:tiny-llama-2", "--prompts", prompts, *judge,
-                     "--output", tmp_path / "out")
+def test_two_judges_exit_2_before_any_model_loads(tmp_path):
+    result = run_cli("compare", "builtin:tiny-llama-2", "builtin:tiny-llama-2", "--prompts", PROMPTS,
+                     "--reward-model", "runs/rm", "--reward-function", CORRECT, "--output", tmp_path / "out")
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    assert "exactly one judge" in result.stderr and "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case, message", [
@@ -152,6 +161,8 @@ def test_bad_input_exits_2_before_any_model_loads(case, message, tmp_path):
     ("safety alone", "--safety-model is combined with a helpfulness model"),
     ("not a reward run", "not an llama-ft run folder"),
     ("missing prompts", "data file not found"),
+    ("bad row", "p.jsonl line 2: expected a 'prompt'"),
+    ("bad function", "--reward-function 'tests/none.py': expected FILE.py:NAME"),
     ("a reward model as A", "is a reward model: judge with --reward-model"),
     ("earlier comparison", "holds an earlier comparison (compare.json)"),
     ("tie margin", "--tie-margin 0.5: expected a number in [0, 0.5)"),
@@ -159,14 +170,14 @@ def test_bad_input_exits_2_before_any_model_loads(case, message, tmp_path):
 def test_bad_input_is_a_user_error_naming_the_flag(case, message, reward_run, tmp_path):
     from ft.errors import UserError
 
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}] + ([{"text": "no prompt"}] if case == "bad row" else []))
     out = tmp_path / "out"
     if case == "earlier comparison":
         out.mkdir()
         (out / "compare.json").write_text("{}")
     options = {"no judge": {}, "safety alone": {"safety_model": str(reward_run)},
                "not a reward run": {"reward_models": [str(tmp_path)]}, "tie margin": {"reward_function": CORRECT,
-               "tie_margin": 0.5}}.get(case, {"reward_function": CORRECT})
+               "tie_margin": 0.5}, "bad function": {"reward_function": "tests/none.py"}}.get(case, {"reward_function": CORRECT})
     with pytest.raises(UserError, match=re.escape(message)):
         compare.run(str(reward_run) if case == "a reward model as A" else "builtin:tiny-llama-2", "builtin:tiny-llama-2",
                     tmp_path / "missing.jsonl" if case == "missing prompts" else prompts, output=out, **options)

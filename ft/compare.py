@@ -296,7 +296,7 @@ def _generate(c: Contestant, model, tokenizer, prompts, log, *, temperature, top
     done = []
     for start in range(0, len(prompts), batch_size):
         batch = [p["prompt"] for p in prompts[start:start + batch_size]]
-        done += [out[0] for out in generate(model, tokenizer, batch, temperature=temperature or 1.0, top_p=top_p,
+        done += [out[0] for out in generate(model, tokenizer, batch, temperature=temperature, top_p=top_p,
                                             max_new_tokens=max_new_tokens, batch_size=batch_size,
                                             greedy=temperature == 0)]
         log(f"{c.label} ({c.spec}): answered {len(done)}/{len(prompts)} prompts")

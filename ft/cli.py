@@ -164,6 +164,34 @@ def chat(
 
 
 @app.command()
+def compare(
+    a: str = typer.Argument(..., metavar="A", help="Model A: anything `llama-ft chat` takes (run folder, merged folder, checkpoint, Hub id)."),
+    b: str = typer.Argument(..., metavar="B", help="Model B, the reference A is measured against."),
+    prompts: Path = typer.Option(..., "--prompts", help="JSONL/JSON/CSV/Parquet of prompts (the rows rejection sampling takes)."),
+    reward_model: Optional[List[str]] = typer.Option(None, "--reward-model", help="A reward model run judging (repeatable; the first is helpfulness)."),
+    safety_model: Optional[str] = typer.Option(None, "--safety-model", help="A safety reward model run, gating as in Llama 2."),
+    reward_function: Optional[str] = typer.Option(None, "--reward-function", help="FILE.py:NAME with TRL's reward signature, instead of reward models."),
+    tie_margin: float = typer.Option(0.05, "--tie-margin", help="A tie when sigmoid(r_A - r_B) is within this of 0.5."),
+    safety_threshold: float = typer.Option(0.15, "--safety-threshold", help="An answer is flagged when sigmoid(safety score) is below this."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (default); else sampled, same seed for A and B."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts generated (and answers scored) at a time."),
+    seed: int = typer.Option(0, "--seed"),
+    output: Optional[Path] = typer.Option(None, "--output", help="Folder for compare.json and compare.jsonl (default: a new runs/compare/A-vs-B)."),
+):
+    """Head to head: A and B answer the same prompts, reward models (or a reward function) judge; win / tie / loss of A."""
+    from ft import compare as compare_mod
+
+    result = compare_mod.run(a, b, prompts, reward_models=reward_model, safety_model=safety_model,
+                             reward_function=reward_function, tie_margin=tie_margin, safety_threshold=safety_threshold,
+                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             seed=seed, output=output, log=lambda m: typer.echo(m, err=True))
+    typer.echo(compare_mod.table(result))
+    typer.echo(f"\nwritten: {result['files']['result']}, {result['files']['rows']}", err=True)
+
+
+@app.command()
 def push(
     folder: Path = typer.Argument(..., help="A finished run folder (LoRA adapter) or a merged model folder."),
     repo_id: str = typer.Option(..., "--repo-id", help="OWNER/NAME on the Hugging Face Hub."),

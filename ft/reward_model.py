@@ -23,6 +23,8 @@ import torch
 from ft import models, runs
 from ft.errors import UserError
 
+# ---------------------------------------------------------------- reward models
+
 
 def render(tokenizer, prompt: list[dict], answer: str) -> list[int]:
     """The token ids a reward model reads: the chat-formatted prompt + answer + </s>."""
@@ -89,7 +91,8 @@ class HeadScorer:
 
 
 def transformer(peft_model):
-    """The decoder stack (LlamaModel) under a PeftModel of a causal LM: hidden states without the LM head."""
+    """The decoder stack (LlamaModel) under a PeftModel of a causal LM: hidden states without the LM head (what a
+    score head reads; PPO's value head too)."""
     return peft_model.get_base_model().model
 
 

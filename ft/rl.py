@@ -4,8 +4,9 @@ No model, tokenizer or recipe here: tensors in, tensors out, each function's sha
   B   answers in the rollout (prompts x samples per prompt), or the rows of a (mini-)batch of them;
   T   answer tokens: the width of the widest answer, shorter ones padded on the right;
   P   prompt tokens: the width of the widest prompt, shorter ones padded on the left.
-A `mask` (B, T) is 1 (True) on an answer's tokens, up to and including its </s>, and 0 after it; every function
-ignores what sits under a 0 and returns 0 there. The KL coefficient is an argument (`per_token_rewards(...,
+A `mask` (B, T) is 1 (True) on an answer's tokens, up to and including its </s>, and 0 after it: what sits under
+a 0 is ignored, and the rewards, advantages and returns are 0 there (the per-token losses are not masked: the loop
+masks them as it sums them). The KL coefficient is an argument (`per_token_rewards(...,
 kl_coef=...)`), so a controller that adapts it (Ziegler et al. 2019) only changes the value the loop passes in.
 """
 
@@ -31,7 +32,7 @@ class Rollout:
     raw: list[float]  # (B) the reward source's score, before whitening and the missing-</s> penalty
     parts: dict[str, list[float]]  # reward model name -> (B) its scores (one entry for a reward function)
     ended: list[bool]  # (B) whether the answer ended with </s> within ppo.max_new_tokens
-    score: torch.Tensor  # (B,) float32: the whitened reward minus ppo.missing_eos_penalty where not ended
+    score: torch.Tensor  # (B,) float32: raw, whitened over the rollout (ppo.whiten_rewards), minus the penalty
     logp_old: torch.Tensor | None = None  # (B, T) float32: log pi(token) under the policy that sampled it
     logp_ref: torch.Tensor | None = None  # (B, T) float32: log pi_ref(token) under the frozen reference
     values: torch.Tensor | None = None  # (B, T) float32: V(prompt + answer[:t]), before the update
@@ -47,7 +48,7 @@ class Rollout:
 
 def whiten(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """values: any shape, mask: the same shape (all set by default) -> (values - mean) / std over the masked
-    entries (std with Bessel's correction), the same shape; masked entries become 0."""
+    entries (std with Bessel's correction), the same shape; entries outside the mask become 0."""
     mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
     picked = values[mask]
     mean = picked.mean()

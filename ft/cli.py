@@ -80,7 +80,7 @@ def score(
     from ft import data
     from ft import runs as runs_mod
     from ft.recipe import DataSource
-    from ft.rollout import Scorer
+    from ft.reward_model import Scorer
 
     if (prompt is None) == (input_file is None) or (prompt is not None and response is None):
         raise UserError("give either --prompt TEXT --response TEXT, or --input FILE.jsonl")

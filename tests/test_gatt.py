@@ -40,7 +40,7 @@ def test_a_training_row_has_the_instruction_only_in_the_system_message_and_train
 def test_the_sampler_sees_the_instruction_after_a_blank_line_in_every_user_message():
     users = ["What is the capital of Peru?", "And of Chile?"]
     assert gatt.with_instruction(users, YES.text) == [f"{u}\n\nBegin each answer with yes." for u in users]
-    from ft.rollout import history
+    from ft.sampling import history
 
     assert history(None, gatt.with_instruction(users, YES.text), ["Yes, Lima."]) == [
         {"role": "user", "content": "What is the capital of Peru?\n\nBegin each answer with yes."},

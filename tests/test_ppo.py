@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run_cli
-from ft import models, rollout
+from ft import models, reward_model, rl
 from ft.stages import ppo as ppo_stage
 
 FUNCTIONS = ROOT / "tests" / "reward_functions.py"
@@ -35,7 +35,7 @@ def test_gae_matches_the_hand_computed_example():
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     for padded_value in (0.0, 9.0):  # whatever sits in the padded slot is ignored
         values = torch.tensor([[0.5, 0.6, 0.7, padded_value]])
-        advantages, returns = ppo_stage.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+        advantages, returns = rl.gae(rewards, values, mask, gamma=1.0, lam=0.95)
         assert torch.allclose(advantages, torch.tensor([[0.46575, 0.385, 0.3, 0.0]]))
         assert torch.allclose(returns, torch.tensor([[0.96575, 0.985, 1.0, 0.0]]))
 
@@ -44,28 +44,44 @@ def test_clipped_policy_and_value_losses_match_hand_values():
     # ratios 1.5 (A=+1), 0.5 (A=-1), 1.1 (A=+1) with clip 0.2: -1.2 and 0.8 take the clipped term, -1.1 does not
     logp_old = torch.zeros(1, 3)
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
-    losses, ratio, clipped = ppo_stage.policy_loss(logp, logp_old, torch.tensor([[1.0, -1.0, 1.0]]), clip=0.2)
+    losses, ratio, clipped = rl.policy_loss(logp, logp_old, torch.tensor([[1.0, -1.0, 1.0]]), clip=0.2)
     assert torch.allclose(losses, torch.tensor([[-1.2, 0.8, -1.1]]))
     assert clipped.tolist() == [[True, True, False]] and torch.allclose(ratio, torch.tensor([[1.5, 0.5, 1.1]]))
     # V=0.5 from V_old=0 towards R=1: clipped to 0.2, whose error (0.64) is the larger; V=0.1, R=0: 0.01 either way
-    v = ppo_stage.value_loss(torch.tensor([[0.5, 0.1]]), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), clip=0.2)
+    v = rl.value_loss(torch.tensor([[0.5, 0.1]]), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), clip=0.2)
     assert torch.allclose(v, torch.tensor([[0.32, 0.005]]))
 
 
 def test_kl_estimators_are_zero_on_identical_inputs_and_positive_otherwise():
     logp = torch.log_softmax(torch.randn(3, 5), -1)
     mask = torch.ones(3, 5)
-    assert ppo_stage.kl_estimates(logp, logp, mask) == {"k1": 0.0, "k2": 0.0, "k3": 0.0}
-    other = ppo_stage.kl_estimates(logp, logp + 0.3 * torch.randn(3, 5), mask)
+    assert rl.kl_estimates(logp, logp, mask) == {"k1": 0.0, "k2": 0.0, "k3": 0.0}
+    other = rl.kl_estimates(logp, logp + 0.3 * torch.randn(3, 5), mask)
     assert other["k2"] > 0 and other["k3"] > 0
+
+
+def test_the_kl_penalty_is_on_every_answer_token_and_the_score_on_the_last():
+    logp, logp_ref = torch.tensor([[0.5, 0.3, 0.2, 9.0]]), torch.tensor([[0.0, 0.1, 0.4, 0.0]])
+    mask = torch.tensor([[True, True, True, False]])  # three answer tokens, then padding
+    rewards = rl.per_token_rewards(torch.tensor([2.0]), logp, logp_ref, mask, kl_coef=0.1)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.02, 0.02 + 2.0, 0.0]]))
+    assert torch.allclose(rl.per_token_rewards(torch.tensor([2.0]), logp, logp_ref, mask, kl_coef=0.0),
+                          torch.tensor([[0.0, 0.0, 2.0, 0.0]]))
+
+
+def test_the_rl_maths_imports_only_torch_and_reward_training_not_the_sampler():
+    code = ("import sys, ft.rl; assert not {'transformers', 'ft.models', 'ft.recipe'} & set(sys.modules), 'rl'; "
+            "import ft.stages.reward, ft.reward_model; assert 'ft.sampling' not in sys.modules, 'reward'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_llama2_reward_gate_and_whitening():
     helpful, safety = [5.0, 5.0, 5.0, 2.0], [3.0, -3.0, 3.0, -1.5]  # sigmoid(-3)=0.047, sigmoid(-1.5)=0.18
-    assert rollout.combine(helpful, safety, [False, False, True, False], 0.15) == [5.0, -3.0, 3.0, 2.0]
-    assert rollout.combine(helpful, None, [True] * 4, 0.15) == helpful
+    assert reward_model.combine(helpful, safety, [False, False, True, False], 0.15) == [5.0, -3.0, 3.0, 2.0]
+    assert reward_model.combine(helpful, None, [True] * 4, 0.15) == helpful
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
-    white = rollout.whiten(x, torch.tensor([[1, 1, 1, 0]]))
+    white = rl.whiten(x, torch.tensor([[1, 1, 1, 0]]))
     assert white[0, 3] == 0 and abs(white[0, :3].mean().item()) < 1e-6 and abs(white[0, :3].std().item() - 1) < 1e-4
 
 
@@ -116,7 +132,7 @@ def test_rewards_on_the_shared_base_equal_llama_ft_score(shared, reward_run):
     questions = [p["prompt"] for p in prompts[:6]]
     answers = ["The capital of France is Paris.", "Maybe.", "I do not know.", "A cat says meow.", "", "Paris"]
     on_base, parts = ppo.rewards(questions, answers)
-    standalone = rollout.Scorer.load(reward_run)(questions, answers)
+    standalone = reward_model.Scorer.load(reward_run)(questions, answers)
     assert parts["helpfulness"] == on_base
     assert max(abs(a - b) for a, b in zip(on_base, standalone)) < 1e-4, (on_base, standalone)
 
@@ -125,21 +141,21 @@ def test_score_sits_on_the_last_answer_token_and_a_missing_eos_costs_the_penalty
     ppo, prompts = shared
     torch.manual_seed(0)
     batch = ppo.collect(prompts[8:16])  # max_new_tokens 7: the capitals are cut off, the animal sounds end with </s>
-    ended = torch.tensor(batch["ended"])
-    assert ended.any() and not ended.all(), batch["ended"]
+    ended = torch.tensor(batch.ended)
+    assert ended.any() and not ended.all(), batch.ended
     eos = ppo.tokenizer.eos_token_id
-    lengths = batch["mask"].sum(-1)
-    answers = batch["input_ids"][:, batch["prompt_width"]:]
-    for i in range(batch["n"]):
+    lengths = batch.mask.sum(-1)
+    answers = batch.input_ids[:, batch.prompt_width:]
+    for i in range(batch.n):
         last = answers[i, lengths[i] - 1].item()
         assert (last == eos) == bool(ended[i])  # an ended answer's last token is its </s>
-    expected = rollout.whiten(torch.tensor(batch["raw"])) - ppo.cfg.missing_eos_penalty * (~ended).float()
-    assert torch.allclose(batch["score"], expected)
-    ppo.score(batch, torch.arange(batch["n"]))
-    assert batch["logp_old"].eq(batch["logp_ref"]).all()  # policy == reference before any update: KL exactly 0
-    placed = torch.zeros_like(batch["token_rewards"])
-    placed[torch.arange(batch["n"]), lengths - 1] = batch["score"]
-    assert torch.equal(batch["token_rewards"], placed)  # all of the score on the last token, nothing elsewhere
+    expected = rl.whiten(torch.tensor(batch.raw)) - ppo.cfg.missing_eos_penalty * (~ended).float()
+    assert torch.allclose(batch.score, expected)
+    ppo.score(batch, torch.arange(batch.n))
+    assert batch.logp_old.eq(batch.logp_ref).all()  # policy == reference before any update: KL exactly 0
+    placed = torch.zeros_like(batch.token_rewards)
+    placed[torch.arange(batch.n), lengths - 1] = batch.score
+    assert torch.equal(batch.token_rewards, placed)  # all of the score on the last token, nothing elsewhere
 
 
 def test_iteration_0_has_ratio_1_and_only_policy_and_value_change(shared):
@@ -165,17 +181,17 @@ def test_iteration_0_has_ratio_1_and_only_policy_and_value_change(shared):
 
 def test_a_ppo_step_raises_the_log_probability_of_the_rewarded_answers(shared):
     ppo, prompts = shared
-    ppo.rewards = rollout.Rewards(function=rollout.load_reward_function(f"{FUNCTIONS}:brevity"))
+    ppo.rewards = reward_model.Rewards(function=reward_model.load_reward_function(f"{FUNCTIONS}:brevity"))
     torch.manual_seed(3)
     batch = ppo.collect(prompts[:8])
-    order = torch.arange(batch["n"])
+    order = torch.arange(batch.n)
     ppo.score(batch, order)
     ppo.model.train()
     assert ppo.step(batch, order) is not None
     with torch.no_grad(), models.use_adapter(ppo.model, "default"):
         after = ppo.logprobs(batch, order)[0]
-    change = ((after - batch["logp_old"]) * batch["mask"]).sum(-1)
-    raw = torch.tensor(batch["raw"])
+    change = ((after - batch.logp_old) * batch.mask).sum(-1)
+    raw = torch.tensor(batch.raw)
     assert change[raw > raw.median()].mean() > change[raw <= raw.median()].mean(), (raw, change)
 
 
@@ -275,11 +291,11 @@ def test_a_bad_reward_function_is_a_user_error(tmp_path):
     for spec, message in ((f"{tmp_path}/missing.py:f", "missing.py not found"), (f"{FUNCTIONS}:nope", "defines no function 'nope'"),
                           (f"{FUNCTIONS}", "expected FILE.py:NAME"), (f"{broken}:f", "importing .*broken.py failed")):
         with pytest.raises(UserError, match=message):
-            rollout.load_reward_function(spec)
+            reward_model.load_reward_function(spec)
     one = tmp_path / "one.py"
     one.write_text("def f(prompts, completions, **kwargs):\n    return [1.0]\n")
     with pytest.raises(UserError, match="one finite number per completion"):
-        rollout.Rewards(function=rollout.load_reward_function(f"{one}:f"))([[{"role": "user", "content": "Q"}]] * 2, ["a", "b"])
+        reward_model.Rewards(function=reward_model.load_reward_function(f"{one}:f"))([[{"role": "user", "content": "Q"}]] * 2, ["a", "b"])
 
 
 # ---------------------------------------------------------------- slow: learning curves (LLAMA_FT_SLOW_TESTS=1)
@@ -323,7 +339,8 @@ def test_a_reward_model_score_rises_and_the_kl_penalty_keeps_answers_on_task(hal
     metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert last > first and metrics["eval"]["reward_end"] > metrics["eval"]["reward_start"], history
     assert max(h["kl"] for h in history) < 10
-    from ft.rollout import generate, load_reward_function
+    from ft.reward_model import load_reward_function
+    from ft.sampling import generate
     from ft.recipe import LoraSection, ModelSection
 
     model = models.attach_lora(models.load_model(ModelSection(name="builtin:tiny-llama-2")), LoraSection(), adapter=str(tmp_path / "rm"),
@@ -348,11 +365,11 @@ def test_a_reward_model_trained_on_another_base_is_loaded_on_its_own_and_the_log
     recipe["model"]["quantization"] = "none"  # trained on the unquantised base: not this 4-bit one
     (other / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     lines, adapters = [], set(ppo.model.peft_config)
-    rewards, head, adapter = rollout.shared_rewards(ppo.model, ppo.tokenizer, ppo.recipe.model, [str(other)], None,
-                                                    threshold=0.15, batch_size=4, log=lines.append)
+    rewards, head, adapter = reward_model.shared_rewards(ppo.model, ppo.tokenizer, ppo.recipe.model, [str(other)], None,
+                                                         threshold=0.15, batch_size=4, log=lines.append)
     assert head is None and adapter is None and set(ppo.model.peft_config) == adapters  # nothing added to the base
-    assert isinstance(rewards.scorers["helpfulness"], rollout.Scorer)
+    assert isinstance(rewards.scorers["helpfulness"], reward_model.Scorer)
     assert any("trained on another base" in line and "separate model" in line for line in lines), lines
     questions = [p["prompt"] for p in prompts[:2]]
     assert rewards(questions, ["The capital of France is Paris.", "Maybe."])[0] == \
-        rollout.Scorer.load(other)(questions, ["The capital of France is Paris.", "Maybe."])
+        reward_model.Scorer.load(other)(questions, ["The capital of France is Paris.", "Maybe."])

@@ -159,7 +159,7 @@ def test_dpo_moves_greedy_answers_to_the_chosen_ones(trained_run, tmp_path):
 
 
 def test_safety_combination_follows_llama2():
-    from ft.rollout import combine
+    from ft.reward_model import combine
 
     helpful, safety = [5.0, 5.0, 5.0], [3.0, -3.0, 3.0]  # sigmoid(-3) = 0.047 < 0.15
     assert combine(helpful, safety, [False, False, True], 0.15) == [5.0, -3.0, 3.0]
@@ -168,7 +168,7 @@ def test_safety_combination_follows_llama2():
 
 def test_rejection_sampling_keeps_the_best_sample_and_fine_tunes_on_it(trained_run, reward_run, tmp_path):
     from ft.recipe import DataSource
-    from ft.rollout import Scorer
+    from ft.reward_model import Scorer
 
     sft, _ = trained_run
     out = tmp_path / "rejection"

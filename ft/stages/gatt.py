@@ -26,7 +26,7 @@ import random
 
 import torch
 
-from ft import data, instructions as instructions_mod, memory, models, rollout, runs
+from ft import data, instructions as instructions_mod, memory, models, runs, sampling
 from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import sft as sft_stage
@@ -137,18 +137,18 @@ def with_instruction(users: list[str], instruction: str) -> list[str]:
 
 def sample(model, tokenizer, plans: list[dict], cfg, log) -> tuple[list[dict], dict]:
     """The dialogs answered by the model with the instruction in every user message; rows for gatt.jsonl."""
-    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                    batch_size=cfg.batch_size)
+    options = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                   batch_size=cfg.batch_size)
     dialogs = [{"system": None, "users": with_instruction(p["users"], p["instruction"].text)} for p in plans]
-    answers = rollout.converse(model, tokenizer, dialogs, **sampling)
+    answers = sampling.converse(model, tokenizer, dialogs, **options)
     attempts = [1] * len(plans)
     for _ in range(cfg.retries):  # re-sample failing final answers, on the same history
         failing = [i for i, p in enumerate(plans) if p["instruction"].checks
                    and not instructions_mod.passes(answers[i][-1], p["instruction"].checks)]
         if not failing:
             break
-        prompts = [rollout.history(None, dialogs[i]["users"], answers[i][:-1]) for i in failing]
-        for i, new in zip(failing, rollout.generate(model, tokenizer, prompts, **sampling)):
+        prompts = [sampling.history(None, dialogs[i]["users"], answers[i][:-1]) for i in failing]
+        for i, new in zip(failing, sampling.generate(model, tokenizer, prompts, **options)):
             answers[i][-1] = new[0].text
             attempts[i] += 1
         log(f"re-sampled {len(failing)} final answers that failed their checks")
@@ -173,7 +173,7 @@ def training_row(p: dict, answers: list[str], attempts: int, passed: bool | None
     short = bool(instruction.parts) and p["short"] and instruction.short != instruction.text  # where one exists
     system = (instruction.short if short else instruction.text) or None  # a plain dialog has no system message
     return {
-        "prompt": rollout.history(system, p["users"], answers[:-1]),
+        "prompt": sampling.history(system, p["users"], answers[:-1]),
         "completion": [{"role": "assistant", "content": answers[-1]}],
         "instructions": [part.text for part in instruction.parts],
         "system": system,
@@ -195,8 +195,8 @@ def evaluate(model, tokenizer, tests: list[dict], cfg) -> dict:
         dialogs = [{"system": t["instruction"].text if mode == "system" else None,
                     "users": with_instruction(t["users"], t["instruction"].text) if mode == "every" else t["users"]}
                    for t in tests]
-        answers = rollout.converse(model, tokenizer, dialogs, greedy=True, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size)
+        answers = sampling.converse(model, tokenizer, dialogs, greedy=True, max_new_tokens=cfg.max_new_tokens,
+                                    batch_size=cfg.batch_size)
         results[mode] = [sum(instructions_mod.passes(a[turn], t["instruction"].checks) for a, t in zip(answers, tests))
                          / len(tests) for turn in range(cfg.eval_turns)]
     return results

@@ -1,4 +1,4 @@
-"""PPO as in Llama 2-Chat, on one 4-bit base; or RLOO / GRPO through TRL with the same reward.
+"""PPO as in Llama 2-Chat, on one 4-bit base; RLOO and GRPO (ppo.algorithm) go through TRL in ft/stages/ppo_trl.py.
 
 One copy of the 4-bit base weights carries every model PPO needs, each a LoRA adapter:
   default      the policy, trained (it starts as the SFT run's adapter, model.adapter);
@@ -26,7 +26,9 @@ One iteration (train.max_steps of them):
     ppo.mini_batch_size answers (train.batch_size per forward pass), AdamW from train:, dropout off.
 A step with a non-finite loss or gradient is skipped and counted. A checkpoint every train.save_steps
 iterations; --resume continues at that iteration boundary, bit-exactly on the CPU (each iteration reseeds
-from train.seed + its number).
+from train.seed + its number). The maths of 4 and 5 is in ft/rl.py, sampling in ft/sampling.py, the reward
+in ft/reward_model.py; this module is the loop (`fit`, one `PPO.iteration` after another) and what is
+around it (`run`: the run folder, progress, TensorBoard, checkpoints, metrics).
 """
 
 from __future__ import annotations
@@ -38,24 +40,31 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from ft import data, memory, models, rollout, runs
+from ft import data, memory, models, reward_model, rl, runs, sampling
 from ft.errors import Interrupted, UserError
 from ft.recipe import Recipe
+from ft.rl import Rollout
 from ft.stages import common
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+STEP_STATISTICS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "ratio", "entropy")  # per token, per step
 
 
 def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
-    cfg = recipe.ppo
-    function = rollout.load_reward_function(cfg.reward_function) if cfg.reward_function else None  # fail before loading
+    cfg, t = recipe.ppo, recipe.train
+    function = reward_model.load_reward_function(cfg.reward_function) if cfg.reward_function else None  # fail early
     if cfg.algorithm != "ppo":
-        return run_trl(recipe, function, resume=resume, log=log)
+        from ft.stages import ppo_trl  # imported here: ppo_trl builds on this module's load_policy
+
+        return ppo_trl.run(recipe, function, resume=resume, log=log)
     out, checkpoint = runs.prepare(recipe, resume=resume)
-    set_seed(recipe.train.seed)
+    set_seed(t.seed)
     log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
 
     # 1. prompts (checked first), then one 4-bit base with the policy, reference, value and reward adapters
@@ -63,42 +72,19 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     total = iterations(recipe, len(prompts))
 
     # 2. the iterations, from a checkpoint if resuming
-    state = {"iteration": 0, "history": [], "skipped_steps": 0}
-    if checkpoint:
-        state = ppo.load(Path(checkpoint))
+    state = ppo.load(Path(checkpoint)) if checkpoint else {"iteration": 0, "history": [], "skipped_steps": 0}
     writer = tensorboard(recipe, out)
     eval_start = state.get("eval_start")
     if eval_prompts and checkpoint is None:
         eval_start = state["eval_start"] = ppo.evaluate(eval_prompts)
         log(f"eval prompts: mean reward of greedy answers {eval_start:.4f} before training")
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=state["iteration"], desc="ppo", unit="it")
     with common.interruptible() as stopper:
-        for iteration in range(state["iteration"], total):
-            set_seed(recipe.train.seed + iteration)  # the same rollouts after a --resume
-            stats = ppo.iteration([prompts[i] for i in prompt_indices(iteration, cfg.batch_size, len(prompts), recipe.train.seed)])
-            state["skipped_steps"] += stats.pop("skipped_steps")
-            state["history"].append({"iteration": iteration + 1, **stats})
-            state["iteration"] = iteration + 1
-            for key, value in stats.items():
-                if writer is not None:
-                    writer.add_scalar(f"ppo/{key}", value, iteration + 1)
-            bar.update(1)
-            bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}", refresh=False)
-            if iteration + 1 == 1 or (iteration + 1) % recipe.train.logging_steps == 0:
-                log(f"iteration {iteration + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
-            last = iteration + 1 == total
-            if stopper.signum is not None or (not last and (iteration + 1) % recipe.train.save_steps == 0):
-                saved = ppo.save_checkpoint(out, state)
-                if stopper.signum is not None:
-                    bar.close()
-                    raise Interrupted(str(saved), stopper.signum)
-    bar.close()
+        after = AfterIteration(ppo, recipe, out, state, total, writer, stopper, log)
+        fit(ppo, prompts, state, total, seed=t.seed, after_iteration=after)
+    after.bar.close()
     if writer is not None:
         writer.close()
     seconds = time.perf_counter() - started
@@ -133,6 +119,47 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     return metrics
 
 
+def fit(ppo: PPO, prompts: list[dict], state: dict, total: int, *, seed: int, after_iteration) -> None:
+    """Iterations state["iteration"] .. total - 1, each on its slice of the prompts (`prompt_indices`) and reseeded
+    from seed + its number first, so that a resumed run samples the same rollouts; `state` (what a checkpoint
+    saves) counts the iterations and skipped steps and keeps each iteration's metrics; `after_iteration(metrics)`
+    is called after each (progress, logging, checkpoints: `run`'s)."""
+    for iteration in range(state["iteration"], total):
+        set_seed(seed + iteration)
+        stats = ppo.iteration([prompts[i] for i in prompt_indices(iteration, ppo.cfg.batch_size, len(prompts), seed)])
+        state["skipped_steps"] += stats.pop("skipped_steps")
+        state["history"].append({"iteration": iteration + 1, **stats})
+        state["iteration"] = iteration + 1
+        after_iteration(stats)
+
+
+class AfterIteration:
+    """What `run` does after each iteration, apart from the loop: the iteration's metrics to TensorBoard
+    (train.report_to), the progress bar, a log line at the first and every train.logging_steps-th, and
+    checkpoint-N/ every train.save_steps (not after the last: the run's final save follows), and after a
+    SIGINT/SIGTERM a checkpoint at this iteration boundary, then Interrupted (the CLI prints the --resume command)."""
+
+    def __init__(self, ppo: PPO, recipe: Recipe, out: Path, state: dict, total: int, writer, stopper, log):
+        self.ppo, self.train, self.out, self.state, self.total = ppo, recipe.train, out, state, total
+        self.writer, self.stopper, self.log = writer, stopper, log
+        self.bar = tqdm(total=total, initial=state["iteration"], desc="ppo", unit="it")
+
+    def __call__(self, stats: dict) -> None:
+        done = self.state["iteration"]
+        for key, value in stats.items():
+            if self.writer is not None:
+                self.writer.add_scalar(f"ppo/{key}", value, done)
+        self.bar.update(1)
+        self.bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}", refresh=False)
+        if done == 1 or done % self.train.logging_steps == 0:
+            self.log(f"iteration {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+        if self.stopper.signum is not None or (done != self.total and done % self.train.save_steps == 0):
+            saved = self.ppo.save_checkpoint(self.out, self.state)
+            if self.stopper.signum is not None:
+                self.bar.close()
+                raise Interrupted(str(saved), self.stopper.signum)
+
+
 def setup(recipe: Recipe, function=None, log=print):
     """Tokenizer, prompts (checked before any model loads), and the PPO object on one 4-bit base with its adapters."""
     tokenizer, prompts, report, model, (rewards, rm_head, rm_adapter) = load_policy(recipe, function, log)
@@ -155,7 +182,7 @@ def setup(recipe: Recipe, function=None, log=print):
 def load_policy(recipe: Recipe, function, log):
     """Tokenizer, prompts (checked before any model loads), the 4-bit base with the policy adapter, and the reward
     source: (Rewards, the helpfulness model's score head, its adapter name), the heads and names None unless reward
-    models share the base."""
+    models share the base. PPO's and RLOO/GRPO's (ft/stages/ppo_trl.py) common start."""
     cfg = recipe.ppo
     tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
                                      trust_remote_code=recipe.model.trust_remote_code)
@@ -164,10 +191,11 @@ def load_policy(recipe: Recipe, function, log):
     model = models.attach_lora(models.load_model(recipe.model), recipe.lora, adapter=recipe.model.adapter,
                                gradient_checkpointing=recipe.train.gradient_checkpointing)
     if function is not None:
-        rewards = (rollout.Rewards(function=function), None, None)
+        rewards = (reward_model.Rewards(function=function), None, None)
     else:
-        rewards = rollout.shared_rewards(model, tokenizer, recipe.model, cfg.reward_models, cfg.safety_model,
-                                         threshold=cfg.safety_threshold, batch_size=cfg.generation_batch_size, log=log)
+        rewards = reward_model.shared_rewards(model, tokenizer, recipe.model, cfg.reward_models, cfg.safety_model,
+                                              threshold=cfg.safety_threshold, batch_size=cfg.generation_batch_size,
+                                              log=log)
     return tokenizer, prompts, report, model, rewards
 
 
@@ -177,7 +205,8 @@ def load_policy(recipe: Recipe, function, log):
 class PPO:
     """The rollout and the update of one iteration, on a PeftModel with adapters default/reference/value."""
 
-    def __init__(self, model, value_head, tokenizer, rewards: rollout.Rewards, recipe: Recipe, total_iterations: int):
+    def __init__(self, model, value_head, tokenizer, rewards: reward_model.Rewards, recipe: Recipe,
+                 total_iterations: int):
         self.model, self.value_head, self.tokenizer, self.rewards = model, value_head, tokenizer, rewards
         self.cfg, self.recipe = recipe.ppo, recipe
         policy = [p for n, p in model.named_parameters() if ".default." in n]
@@ -190,123 +219,100 @@ class PPO:
         self.optimizer = optimizer_cls([{"params": policy, "name": "policy"}, {"params": value, "name": "value"}],
                                        **optimizer_kwargs)
         per_iteration = self.cfg.epochs * self.cfg.batch_size * self.cfg.samples_per_prompt // self.cfg.mini_batch_size
-        from transformers import get_scheduler
-
-        total = total_iterations
+        steps = total_iterations * per_iteration
         self.scheduler = get_scheduler(recipe.train.lr_scheduler, self.optimizer,
-                                       num_warmup_steps=int(recipe.train.warmup_ratio * total * per_iteration),
-                                       num_training_steps=total * per_iteration,
+                                       num_warmup_steps=int(recipe.train.warmup_ratio * steps),
+                                       num_training_steps=steps,
                                        scheduler_specific_kwargs={"min_lr_rate": recipe.train.min_lr_ratio}
                                        if recipe.train.lr_scheduler == "cosine_with_min_lr" else None)
 
-    # ---- one iteration
+    # ---- one iteration: rollout -> advantages -> ppo.epochs passes of updates -> metrics
 
     def iteration(self, prompt_rows: list[dict]) -> dict:
         cfg = self.cfg
-        batch = self.collect(prompt_rows)
-        order = [torch.randperm(batch["n"]) for _ in range(cfg.epochs)]
-        self.score(batch, order[0])
-        stats, skipped = [], 0
+        rollout = self.collect(prompt_rows)
+        order = [torch.randperm(rollout.n) for _ in range(cfg.epochs)]
+        self.score(rollout, order[0])
+        steps, skipped = [], 0
         self.model.train()
         for epoch in range(cfg.epochs):
-            for start in range(0, batch["n"], cfg.mini_batch_size):
-                step = self.step(batch, order[epoch][start:start + cfg.mini_batch_size])
+            for start in range(0, rollout.n, cfg.mini_batch_size):
+                step = self.step(rollout, order[epoch][start:start + cfg.mini_batch_size])
                 if step is None:
                     skipped += 1
                 else:
-                    stats.append(step)
-        mean = lambda key: sum(s[key] for s in stats) / len(stats) if stats else float("nan")
-        mask = batch["mask"]
-        return {
-            "reward": sum(batch["raw"]) / len(batch["raw"]),
-            **{f"reward_{name}": sum(v) / len(v) for name, v in batch["parts"].items() if len(batch["parts"]) > 1},
-            "score": batch["score"].mean().item(),
-            "kl": ((batch["logp_old"] - batch["logp_ref"]) * mask).sum(-1).mean().item(),  # per answer, k1 summed
-            **{f"kl_{name}_per_token": v for name, v in kl_estimates(batch["logp_old"], batch["logp_ref"], mask).items()},
-            "policy_loss": mean("policy_loss"),
-            "value_loss": mean("value_loss"),
-            "clip_fraction": mean("clip_fraction"),
-            "approx_kl": mean("approx_kl"),
-            "ratio": mean("ratio"),
-            "entropy": mean("entropy"),
-            "explained_variance": explained_variance(batch["values"], batch["returns"], mask),
-            "answer_length": mask.sum(-1).float().mean().item(),
-            "missing_eos_rate": 1 - sum(batch["ended"]) / batch["n"],
-            "learning_rate": self.scheduler.get_last_lr()[0],
-            "skipped_steps": skipped,
-        }
+                    steps.append(step)
+        learning_rate = self.scheduler.get_last_lr()[0]
+        return {**self.metrics(rollout, steps), "learning_rate": learning_rate, "skipped_steps": skipped}
 
-    def collect(self, prompt_rows: list[dict]) -> dict:
+    def collect(self, prompt_rows: list[dict]) -> Rollout:
         """Sample answers, score them, and lay them out as [left-padded prompt | right-padded answer] rows."""
         cfg, tokenizer = self.cfg, self.tokenizer
         with models.use_adapter(self.model, "default"):
-            samples = rollout.generate(self.model, tokenizer, [r["prompt"] for r in prompt_rows],
-                                       n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
-                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size)
+            samples = sampling.generate(self.model, tokenizer, [r["prompt"] for r in prompt_rows],
+                                        n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size)
         rows = [(row, c) for row, answers in zip(prompt_rows, samples) for c in answers]
         raw, parts = self.rewards([r["prompt"] for r, _ in rows], [c.text for _, c in rows], [r["safety"] for r, _ in rows])
         ended = [c.ended for _, c in rows]
         score = torch.tensor(raw, dtype=torch.float32)
         if cfg.whiten_rewards and len(raw) > 1:
-            score = rollout.whiten(score)
+            score = rl.whiten(score)
         score = score - cfg.missing_eos_penalty * (~torch.tensor(ended)).float()
         width_p = max(len(c.prompt_ids) for _, c in rows)
         width_a = max(max(len(c.ids) for _, c in rows), 1)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width_p + width_a), pad, dtype=torch.long)
+        input_ids = torch.full((len(rows), width_p + width_a), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
         for i, (_, c) in enumerate(rows):
             input_ids[i, width_p - len(c.prompt_ids):width_p] = torch.tensor(c.prompt_ids)
             input_ids[i, width_p:width_p + len(c.ids)] = torch.tensor(c.ids, dtype=torch.long)
             attention[i, width_p - len(c.prompt_ids):width_p + len(c.ids)] = 1
         device = self.model.device
-        return {"n": len(rows), "input_ids": input_ids.to(device), "attention_mask": attention.to(device),
-                "prompt_width": width_p, "mask": attention[:, width_p:].bool().to(device),
-                "raw": raw, "parts": parts, "ended": ended, "score": score.to(device)}
+        return Rollout(input_ids=input_ids.to(device), attention_mask=attention.to(device), prompt_width=width_p,
+                       mask=attention[:, width_p:].bool().to(device), raw=raw, parts=parts, ended=ended,
+                       score=score.to(device))
 
-    def score(self, batch: dict, first_order: torch.Tensor) -> None:
-        """Old and reference log-probs, values, per-token rewards, advantages and returns of a rollout."""
-        cfg, mask = self.cfg, batch["mask"]
+    def score(self, rollout: Rollout, first_order: torch.Tensor) -> None:
+        """Old and reference log-probs, values, per-token rewards, advantages and returns of a rollout (set on it)."""
+        cfg, mask = self.cfg, rollout.mask
         logp_old, logp_ref, values = (torch.zeros(mask.shape, device=mask.device) for _ in range(3))
         self.model.train()  # the training forward (dropout is off): the first update sees ratio 1 exactly
         micro = self.recipe.train.batch_size
         with torch.no_grad():
-            for start in range(0, batch["n"], micro):
+            for start in range(0, rollout.n, micro):
                 rows = first_order[start:start + micro]
                 with models.use_adapter(self.model, "default"):
-                    logp_old[rows] = self.logprobs(batch, rows)[0]
+                    logp_old[rows] = self.logprobs(rollout, rows)[0]
                 with models.use_adapter(self.model, "reference"):
-                    logp_ref[rows] = self.logprobs(batch, rows)[0]
+                    logp_ref[rows] = self.logprobs(rollout, rows)[0]
                 with models.use_adapter(self.model, "value"):
-                    values[rows] = self.values(batch, rows)
-        logp_old, logp_ref, values = (t * mask for t in (logp_old, logp_ref, values))
-        token_rewards = -cfg.kl_coef * (logp_old - logp_ref)
-        last = mask.sum(-1) - 1  # the answer's last token: its </s>, or where max_new_tokens cut it off
-        token_rewards[torch.arange(batch["n"]), last.clamp(min=0)] += batch["score"]
-        token_rewards = token_rewards * mask
-        advantages, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
-        batch.update(logp_old=logp_old, logp_ref=logp_ref, values=values, returns=returns, token_rewards=token_rewards,
-                     advantages=rollout.whiten(advantages, mask))
+                    values[rows] = self.values(rollout, rows)
+        rollout.logp_old, rollout.logp_ref, rollout.values = (t * mask for t in (logp_old, logp_ref, values))
+        rollout.token_rewards = rl.per_token_rewards(rollout.score, rollout.logp_old, rollout.logp_ref, mask,
+                                                     kl_coef=cfg.kl_coef)
+        advantages, rollout.returns = rl.gae(rollout.token_rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+        rollout.advantages = rl.whiten(advantages, mask)
 
-    def step(self, batch: dict, rows: torch.Tensor) -> dict | None:
+    def step(self, rollout: Rollout, rows: torch.Tensor) -> dict | None:
         """One optimiser step on the answers `rows`, train.batch_size per forward pass; None if skipped.
         Losses are summed over answer tokens and divided by the mini-batch's token count."""
         cfg, micro = self.cfg, self.recipe.train.batch_size
-        tokens = batch["mask"][rows].sum().clamp(min=1)
+        tokens = rollout.mask[rows].sum().clamp(min=1)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "approx_kl", "ratio", "entropy"), 0.0)
+        sums = dict.fromkeys(STEP_STATISTICS, 0.0)
         for start in range(0, len(rows), micro):
             part = rows[start:start + micro]
-            mask = batch["mask"][part]
+            mask = rollout.mask[part]
             with models.use_adapter(self.model, "default"):  # backward before switching: see the module docstring
-                logp, entropy = self.logprobs(batch, part, with_entropy=True)
-                losses, ratio, clipped = policy_loss(logp, batch["logp_old"][part], batch["advantages"][part], cfg.clip_range)
+                logp, entropy = self.logprobs(rollout, part, with_entropy=True)
+                losses, ratio, clipped = rl.policy_loss(logp, rollout.logp_old[part], rollout.advantages[part],
+                                                        cfg.clip_range)
                 ((losses * mask).sum() / tokens).backward()
             with models.use_adapter(self.model, "value"):
-                v_losses = value_loss(self.values(batch, part), batch["values"][part], batch["returns"][part],
-                                      cfg.value_clip_range)
+                v_losses = rl.value_loss(self.values(rollout, part), rollout.values[part], rollout.returns[part],
+                                         cfg.value_clip_range)
                 (cfg.vf_coef * (v_losses * mask).sum() / tokens).backward()
-            log_ratio = logp.detach() - batch["logp_old"][part]
+            log_ratio = logp.detach() - rollout.logp_old[part]
             for key, per_token in (("policy_loss", losses.detach()), ("value_loss", v_losses.detach()),
                                    ("clip_fraction", clipped.float()), ("approx_kl", 0.5 * log_ratio ** 2),
                                    ("ratio", ratio), ("entropy", entropy)):
@@ -320,19 +326,37 @@ class PPO:
         self.scheduler.step()
         return stats
 
+    def metrics(self, rollout: Rollout, steps: list[dict]) -> dict:
+        """What an iteration reports: the rollout's rewards, KL and lengths, and the mean of its steps' statistics."""
+        mean = lambda key: sum(s[key] for s in steps) / len(steps) if steps else float("nan")
+        mask, parts = rollout.mask, rollout.parts
+        kl = rl.kl_estimates(rollout.logp_old, rollout.logp_ref, mask)
+        return {
+            "reward": sum(rollout.raw) / len(rollout.raw),
+            **{f"reward_{name}": sum(v) / len(v) for name, v in parts.items() if len(parts) > 1},
+            "score": rollout.score.mean().item(),
+            "kl": ((rollout.logp_old - rollout.logp_ref) * mask).sum(-1).mean().item(),  # per answer, k1 summed
+            **{f"kl_{name}_per_token": v for name, v in kl.items()},
+            **{key: mean(key) for key in STEP_STATISTICS},
+            "explained_variance": rl.explained_variance(rollout.values, rollout.returns, mask),
+            "answer_length": mask.sum(-1).float().mean().item(),
+            "missing_eos_rate": 1 - sum(rollout.ended) / rollout.n,
+        }
+
     # ---- forward passes
 
-    def _inputs(self, batch: dict, rows: torch.Tensor) -> dict:
-        attention = batch["attention_mask"][rows]
-        return {"input_ids": batch["input_ids"][rows], "attention_mask": attention,
+    def _inputs(self, rollout: Rollout, rows: torch.Tensor) -> dict:
+        attention = rollout.attention_mask[rows]
+        return {"input_ids": rollout.input_ids[rows], "attention_mask": attention,
                 "position_ids": (attention.cumsum(-1) - 1).clamp(min=0), "use_cache": False}
 
-    def logprobs(self, batch: dict, rows: torch.Tensor, with_entropy: bool = False):
-        """log pi(answer token | everything before it), in fp32, from logits / temperature (and the entropy)."""
-        width = batch["input_ids"].shape[1] - batch["prompt_width"]
-        logits = self.model(**self._inputs(batch, rows), logits_to_keep=width + 1).logits[:, :-1]
+    def logprobs(self, rollout: Rollout, rows: torch.Tensor, with_entropy: bool = False):
+        """log pi(answer token | everything before it), (len(rows), T) in fp32, from logits / temperature (and the
+        entropy of that distribution, the same shape)."""
+        width = rollout.input_ids.shape[1] - rollout.prompt_width
+        logits = self.model(**self._inputs(rollout, rows), logits_to_keep=width + 1).logits[:, :-1]
         logp_all = torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
-        answer = batch["input_ids"][rows][:, batch["prompt_width"]:]
+        answer = rollout.input_ids[rows][:, rollout.prompt_width:]
         logp = logp_all.gather(-1, answer.unsqueeze(-1)).squeeze(-1)
         entropy = None
         if with_entropy:
@@ -340,26 +364,23 @@ class PPO:
                 entropy = -(logp_all.exp() * logp_all).sum(-1)
         return logp, entropy
 
-    def values(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
-        """V(prompt + answer[:t]) for every answer token t: the value head on the state before it."""
-        hidden = rollout.transformer(self.model)(**self._inputs(batch, rows)).last_hidden_state
-        width_p = batch["prompt_width"]
-        return self.value_head(hidden[:, width_p - 1:-1].float()).squeeze(-1)
+    def values(self, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """V(prompt + answer[:t]) for every answer token t, (len(rows), T): the value head on the state before it."""
+        hidden = reward_model.transformer(self.model)(**self._inputs(rollout, rows)).last_hidden_state
+        return self.value_head(hidden[:, rollout.prompt_width - 1:-1].float()).squeeze(-1)
 
     # ---- evaluation, saving, resuming
 
     def evaluate(self, prompt_rows: list[dict]) -> float:
         """The mean reward of greedy answers (before whitening)."""
         with models.use_adapter(self.model, "default"):
-            answers = rollout.generate(self.model, self.tokenizer, [r["prompt"] for r in prompt_rows], greedy=True,
-                                       max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.generation_batch_size)
+            answers = sampling.generate(self.model, self.tokenizer, [r["prompt"] for r in prompt_rows], greedy=True,
+                                        max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.generation_batch_size)
         raw, _ = self.rewards([r["prompt"] for r in prompt_rows], [a[0].text for a in answers], [r["safety"] for r in prompt_rows])
         return sum(raw) / len(raw)
 
     def save_models(self, folder: Path) -> None:
         """The policy adapter at the top (the run's adapter), the value adapter and head in value/."""
-        from safetensors.torch import save_file
-
         self.model.save_pretrained(str(folder), selected_adapters=["default", "value"])
         save_file({"weight": self.value_head.weight.detach().cpu().contiguous()}, str(folder / "value" / VALUE_HEAD_FILE))
 
@@ -385,9 +406,7 @@ class PPO:
         return target
 
     def load(self, checkpoint: Path) -> dict:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
+        """The models, optimiser and scheduler of checkpoint-N/ loaded in place; returns its trainer_state.json."""
         for name, folder in (("default", checkpoint), ("value", checkpoint / "value")):
             set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")), adapter_name=name)
         with torch.no_grad():
@@ -395,53 +414,6 @@ class PPO:
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.model.device))
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt"))
         return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-
-
-# ---------------------------------------------------------------- the maths, as plain functions (tested by hand)
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation over answer tokens; the value after the last token (</s>) is 0 and
-    masked positions (past it) get 0. Returns (advantages, returns = advantages + values)."""
-    rewards, values = rewards * mask, values * mask
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.shape[0], device=rewards.device)
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
-        advantages[:, t] = running
-    return advantages, (advantages + values) * mask
-
-
-def policy_loss(logp, logp_old, advantages, clip: float):
-    """PPO's clipped surrogate per token, max(-A r, -A clip(r, 1 - clip, 1 + clip)) with r = pi / pi_old;
-    also r and whether the clipped term was the one taken."""
-    ratio = torch.exp(logp - logp_old)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    return torch.maximum(unclipped, clipped), ratio.detach(), (clipped > unclipped).detach()
-
-
-def value_loss(values, old_values, returns, clip: float):
-    """0.5 max((V - R)^2, (V_clipped - R)^2) per token, V_clipped = V_old + clamp(V - V_old, -clip, clip)."""
-    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-
-
-def kl_estimates(logp, logp_ref, mask) -> dict:
-    """The three usual per-token estimators of KL(pi || pi_ref) on sampled tokens, averaged over answer tokens:
-    k1 = log r, k2 = (log r)^2 / 2, k3 = (r' - 1) - log r' with r' = pi_ref / pi."""
-    log_r = (logp - logp_ref) * mask
-    n = mask.sum().clamp(min=1)
-    return {"k1": (log_r.sum() / n).item(), "k2": ((0.5 * log_r ** 2).sum() / n).item(),
-            "k3": (((torch.exp(-log_r) - 1) + log_r) * mask).sum().item() / n.item()}
-
-
-def explained_variance(values, returns, mask) -> float:
-    m = mask.bool()
-    var = returns[m].var()
-    return (1 - (returns[m] - values[m]).var() / var).item() if var > 0 else float("nan")
 
 
 # ---------------------------------------------------------------- plumbing
@@ -478,9 +450,8 @@ def prompt_indices(iteration: int, batch_size: int, n: int, seed: int) -> list[i
 
 
 def optimizer_class(recipe: Recipe):
-    """The optimiser train.optim names, with the recipe's AdamW settings, through transformers' own mapping."""
-    from transformers import Trainer, TrainingArguments
-
+    """The optimiser train.optim names, with the recipe's AdamW settings, through transformers' own mapping
+    (`Trainer.get_optimizer_cls_and_kwargs` reads them from a TrainingArguments, built here only for that)."""
     args = TrainingArguments(**{k: v for k, v in common.trainer_arguments(recipe, Path("/nonexistent"), has_eval=False).items()
                                 if k in ("output_dir", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
                                          "adam_epsilon", "optim", "use_cpu")}, report_to=[])
@@ -493,84 +464,3 @@ def tensorboard(recipe: Recipe, out: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(out / "runs" / "ppo"))
-
-
-# ---------------------------------------------------------------- RLOO and GRPO through TRL
-
-
-class TRLReward:
-    """Our reward source as the one reward callable TRL's RLOO/GRPO trainers call: completions arrive as
-    assistant messages; the score is the same as PPO's before whitening, minus the missing-</s> penalty
-    (TRL normalises per prompt group itself)."""
-
-    def __init__(self, rewards: rollout.Rewards, eos_token_id: int, missing_eos_penalty: float):
-        self.rewards, self.eos, self.penalty = rewards, eos_token_id, missing_eos_penalty
-        self.__name__ = "llama_ft_reward"
-
-    def __call__(self, prompts, completions, completion_ids=None, safety=None, **kwargs):
-        texts = [c[-1]["content"].strip() if isinstance(c, list) else str(c).strip() for c in completions]
-        raw, _ = self.rewards(prompts, texts, safety)
-        ended = [self.eos in ids for ids in completion_ids] if completion_ids is not None else [True] * len(raw)
-        return [r - (0 if e else self.penalty) for r, e in zip(raw, ended)]
-
-
-def run_trl(recipe: Recipe, function, *, resume: bool, log=print) -> dict:
-    """ppo.algorithm rloo or grpo: TRL's trainer on the same base, adapters, prompts and reward."""
-    import datasets
-
-    cfg, t = recipe.ppo, recipe.train
-    out, checkpoint = runs.prepare(recipe, resume=resume)
-    set_seed(t.seed)
-    log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
-    tokenizer, prompts, report, model, (rewards, _, _) = load_policy(recipe, function, log)
-    answers = cfg.batch_size * cfg.samples_per_prompt
-    steps_per_iteration = cfg.epochs * answers // cfg.mini_batch_size
-    arguments = common.trainer_arguments(recipe, out, has_eval=False)
-    arguments.update(
-        max_steps=iterations(recipe, len(prompts)) * steps_per_iteration,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=cfg.mini_batch_size // t.batch_size,
-        save_steps=t.save_steps * steps_per_iteration,
-        logging_steps=max(1, t.logging_steps * steps_per_iteration),
-    )
-    common_rl = dict(num_generations=cfg.samples_per_prompt, generation_batch_size=answers, num_iterations=cfg.epochs,
-                     beta=cfg.kl_coef, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                     max_completion_length=cfg.max_new_tokens, epsilon=cfg.clip_range, disable_dropout=True,
-                     remove_unused_columns=False)
-    if cfg.algorithm == "grpo":
-        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
-    else:
-        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
-    config = Config(**arguments, **common_rl)
-    dataset = datasets.Dataset.from_list([{"prompt": p["prompt"], "safety": p["safety"]} for p in prompts])
-    trainer = Trainer(model=model, reward_funcs=[TRLReward(rewards, tokenizer.eos_token_id, cfg.missing_eos_penalty)],
-                      args=config, train_dataset=dataset, processing_class=tokenizer)
-    models.keep_lora_float32(trainer.model)
-    started = time.perf_counter()
-    common.train(trainer, checkpoint)
-    seconds = time.perf_counter() - started
-
-    runs.save_final(out, lambda tmp: (trainer.model.save_pretrained(str(tmp), selected_adapters=["default"]),
-                                      tokenizer.save_pretrained(str(tmp))))
-    logged = [e for e in trainer.state.log_history if "reward" in e]
-    history = [{"iteration": round(e["step"] / steps_per_iteration, 3), "reward": e["reward"],
-                "kl": e.get("kl", 0.0), "answer_length": e.get("completions/mean_length")} for e in logged]
-    metrics = {
-        "stage": "ppo",
-        "algorithm": cfg.algorithm,
-        "global_step": trainer.state.global_step,
-        "iterations": trainer.state.global_step // steps_per_iteration,
-        "reward_first": history[0]["reward"] if history else None,
-        "reward_last": history[-1]["reward"] if history else None,
-        "kl_last": history[-1]["kl"] if history else None,
-        "history": history,
-        "reward_sources": rewards.names,
-        "resumed_from": checkpoint,
-        "train_seconds": round(seconds, 3),
-        **memory.training_peak(),
-        "data": {"train": vars(report)},
-    }
-    runs.write_json(out / runs.METRICS_FILE, metrics)
-    if history:
-        log(f"reward {metrics['reward_first']:.4f} -> {metrics['reward_last']:.4f} over {metrics['iterations']} iterations")
-    return metrics

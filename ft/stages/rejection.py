@@ -1,9 +1,9 @@
 """Rejection-sampling fine-tuning, as in Llama 2-Chat: sample K answers per prompt, keep the best by reward, SFT on it.
 
 1. prompts (data.train) -> the current policy (model.name + model.adapter) samples K answers each,
-   in batches, with left padding (ft.rollout.generate);
+   in batches, with left padding (ft.sampling.generate);
 2. the reward model (and the safety model) score every answer on the policy's own 4-bit base, as a frozen
-   adapter + score head each (ft.rollout; a reward model trained on another base is loaded on its own);
+   adapter + score head each (ft.reward_model; a reward model trained on another base is loaded on its own);
    with a safety model the score is combined as in Llama 2: the safety score when the prompt is flagged
    (`safety: true`) or its safety score (as a probability, sigmoid of the raw score) is below
    rejection.safety_threshold, else the helpfulness score;
@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from ft import data, memory, models, rollout, runs
+from ft import data, memory, models, reward_model, runs, sampling
 from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import sft as sft_stage
@@ -39,15 +39,15 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
                                      trust_remote_code=recipe.model.trust_remote_code)
     policy = models.attach_lora(models.load_model(recipe.model), recipe.lora,
                                 adapter=recipe.model.adapter, gradient_checkpointing=False)
-    rewards, _, _ = rollout.shared_rewards(policy, tokenizer, recipe.model, [cfg.reward_model], cfg.safety_model,
-                                           threshold=cfg.safety_threshold, batch_size=cfg.batch_size, log=log)
+    rewards, _, _ = reward_model.shared_rewards(policy, tokenizer, recipe.model, [cfg.reward_model], cfg.safety_model,
+                                                threshold=cfg.safety_threshold, batch_size=cfg.batch_size, log=log)
 
     # 2. K samples per prompt, scored
     torch.manual_seed(recipe.train.seed)
     samples = []
     for i in range(0, len(prompts), cfg.batch_size):
         batch = [p["prompt"] for p in prompts[i:i + cfg.batch_size]]
-        samples += [[c.text for c in answers] for answers in rollout.generate(
+        samples += [[c.text for c in answers] for answers in sampling.generate(
             policy, tokenizer, batch, n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)]
         log(f"sampled {min(i + cfg.batch_size, len(prompts))}/{len(prompts)} prompts x {cfg.k}")

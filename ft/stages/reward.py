@@ -15,7 +15,7 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from ft import data, distributed, memory, models, runs
-from ft.rollout import Scorer, render
+from ft.reward_model import Scorer, render
 from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import common

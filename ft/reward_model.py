@@ -1,14 +1,14 @@
-"""Sampling answers and scoring them: shared by rejection sampling, PPO (and RLOO/GRPO) and Ghost Attention.
+"""Reward models, and the reward of an answer: shared by the reward stage, `llama-ft score`, rejection sampling, PPO.
 
-* `generate` samples (or greedily decodes) answers to chat prompts in batches, with left padding,
-  and keeps each answer's token ids up to and including its `</s>` (and whether it reached one).
 * Reward models are scored exactly as they were trained: the chat-formatted prompt + answer + `</s>`
   (`render`), read by the score head at that `</s>`. A reward model is either a standalone model
-  (`Scorer`, what `llama-ft score` uses) or, when it was trained on the same base as the policy, its
-  LoRA adapter and score head on the policy's own 4-bit base (`HeadScorer`): one copy of the weights.
+  (`Scorer`, what `llama-ft score` and the reward stage's accuracy use) or, when it was trained on the same
+  base as the policy (`same_base`), its LoRA adapter and score head on the policy's own 4-bit base
+  (`HeadScorer`): one copy of the weights.
 * `Rewards` turns the recipe's reward source into one score per answer: the Llama 2 combination of a
   helpfulness and a safety reward model (`combine`), or a Python function with TRL's reward-function
-  signature (`load_reward_function`).
+  signature (`load_reward_function`). `shared_rewards` builds it for a policy on its base.
+Nothing here samples: that is ft/sampling.py's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,66 +23,7 @@ import torch
 from ft import models, runs
 from ft.errors import UserError
 
-
-@dataclass
-class Completion:
-    prompt_ids: list[int]  # the chat-formatted prompt, unpadded
-    ids: list[int]  # the answer's tokens, up to and including </s> when it ended
-    text: str  # the answer, decoded without special tokens and stripped
-    ended: bool  # the answer ended with </s> within max_new_tokens
-
-
-def generate(model, tokenizer, prompts: list[list[dict]], *, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-             max_new_tokens: int = 256, batch_size: int = 8, greedy: bool = False) -> list[list[Completion]]:
-    """`n` answers to each prompt (lists of messages ending with the user turn), `batch_size` prompts at a time.
-
-    The model is put in eval mode for generation (no dropout, no gradient checkpointing, KV cache on) and
-    left in eval mode; callers that train switch back to train mode themselves.
-    """
-    model.eval()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    results = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [list(tokenizer.apply_chat_template(p, tokenize=True, return_dict=True)["input_ids"])
-                   for p in prompts[start:start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        input_ids, mask = _padded(encoded, pad, model.device, left=True)
-        # top_k off: sampling follows softmax(logits / temperature) (within top_p), the distribution PPO scores
-        sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 num_return_sequences=n, do_sample=not greedy, eos_token_id=eos, pad_token_id=pad,
-                                 use_cache=True, **sampling)
-        for i, ids in enumerate(encoded):
-            answers = []
-            for row in out[i * n:(i + 1) * n, width:].tolist():
-                ended = eos in row
-                row = row[:row.index(eos) + 1] if ended else row
-                answers.append(Completion(ids, row, tokenizer.decode(row, skip_special_tokens=True).strip(), ended))
-            results.append(answers)
-    return results
-
-
-def converse(model, tokenizer, dialogs: list[dict], **sampling) -> list[list[str]]:
-    """Each dialog ({"system": text or None, "users": [user messages]}) answered turn after turn, the model's
-    own answers as its history; `sampling` as for `generate` (n is 1). Returns the answers of every dialog."""
-    answers: list[list[str]] = [[] for _ in dialogs]
-    for turn in range(max((len(d["users"]) for d in dialogs), default=0)):
-        active = [i for i, d in enumerate(dialogs) if len(d["users"]) > turn]
-        prompts = [history(dialogs[i]["system"], dialogs[i]["users"][:turn + 1], answers[i]) for i in active]
-        for i, out in zip(active, generate(model, tokenizer, prompts, **sampling)):
-            answers[i].append(out[0].text)
-    return answers
-
-
-def history(system: str | None, users: list[str], answers: list[str]) -> list[dict]:
-    """Messages: an optional system message, then user/assistant turns, ending with the user turn to answer."""
-    messages = [{"role": "system", "content": system}] if system else []
-    for i, user in enumerate(users):
-        messages.append({"role": "user", "content": user})
-        if i < len(answers) and i < len(users) - 1:
-            messages.append({"role": "assistant", "content": answers[i]})
-    return messages
+# ---------------------------------------------------------------- reward models
 
 
 def render(tokenizer, prompt: list[dict], answer: str) -> list[int]:
@@ -92,12 +32,13 @@ def render(tokenizer, prompt: list[dict], answer: str) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
 
-def _padded(ids: list[list[int]], pad: int, device, left: bool = False):
-    """input_ids and attention mask of a batch, padded on the right (scoring) or on the left (generation)."""
+def right_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention mask (both (B, width)) of token lists padded on the right, so that each row's last
+    real token (its </s>, where the score is read) sits at column mask.sum(-1) - 1."""
     width = max(len(x) for x in ids)
-    rows = [([pad] * (width - len(x)) + x, [0] * (width - len(x)) + [1] * len(x)) if left
-            else (x + [pad] * (width - len(x)), [1] * len(x) + [0] * (width - len(x))) for x in ids]
-    return (torch.tensor([r[0] for r in rows], device=device), torch.tensor([r[1] for r in rows], device=device))
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+    return input_ids, mask
 
 
 class Scorer:
@@ -120,7 +61,7 @@ class Scorer:
         scores = []
         for i in range(0, len(prompts), self.batch_size):
             ids = [render(self.tokenizer, p, a) for p, a in zip(prompts[i:i + self.batch_size], answers[i:i + self.batch_size])]
-            input_ids, mask = _padded(ids, self.tokenizer.pad_token_id, self.model.device)
+            input_ids, mask = right_padded(ids, self.tokenizer.pad_token_id, self.model.device)
             with torch.no_grad():
                 scores += self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
         return scores
@@ -140,7 +81,7 @@ class HeadScorer:
         self.model.eval()
         for i in range(0, len(prompts), self.batch_size):
             ids = [render(self.tokenizer, p, a) for p, a in zip(prompts[i:i + self.batch_size], answers[i:i + self.batch_size])]
-            input_ids, mask = _padded(ids, self.tokenizer.pad_token_id, self.model.device)
+            input_ids, mask = right_padded(ids, self.tokenizer.pad_token_id, self.model.device)
             with torch.no_grad(), models.use_adapter(self.model, self.adapter):
                 hidden = transformer(self.model)(input_ids=input_ids, attention_mask=mask).last_hidden_state
             last = mask.sum(-1) - 1  # right padding: the final </s>
@@ -150,7 +91,8 @@ class HeadScorer:
 
 
 def transformer(peft_model):
-    """The decoder stack (LlamaModel) under a PeftModel of a causal LM: hidden states without the LM head."""
+    """The decoder stack (LlamaModel) under a PeftModel of a causal LM: hidden states without the LM head (what a
+    score head reads; PPO's value head too)."""
     return peft_model.get_base_model().model
 
 
@@ -184,16 +126,6 @@ def combine(helpful: list[float], safety: list[float] | None, flags: list[bool],
     if safety is None:
         return list(helpful)
     return [s if flag or 1 / (1 + math.exp(-s)) < threshold else h for h, s, flag in zip(helpful, safety, flags)]
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(x - mean) / std over the entries where mask is set (all by default); masked entries become 0."""
-    mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
-    picked = values[mask]
-    mean = picked.mean()
-    var = ((picked - mean) ** 2).sum() / max(picked.numel() - 1, 1)
-    out = (values - mean) * torch.rsqrt(var + 1e-8)
-    return torch.where(mask, out, torch.zeros_like(out))
 
 
 def load_reward_function(spec: str):

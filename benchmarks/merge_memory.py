@@ -39,13 +39,13 @@ PLAIN = """
 import json, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from ft import memory
-memory.reset_peak()
-before = memory.current_rss()
+from ft import memory_use
+memory_use.reset_peak()
+before = memory_use.current_rss()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[3], dtype=torch.float16)
 model = PeftModel.from_pretrained(model, sys.argv[1]).merge_and_unload()
 model.save_pretrained(sys.argv[2])
-print(json.dumps({"before": before, "peak": memory.peak_rss()}))
+print(json.dumps({"before": before, "peak": memory_use.peak_rss()}))
 """
 
 
@@ -137,11 +137,11 @@ def build_llama2_7b(folder: Path, shard_mb: int) -> tuple[Path, Path]:
 
 LLAMA2_7B_MERGE = """
 import json, sys, time
-from ft import memory, merge
+from ft import memory_use, merge
 started = time.perf_counter()
 report = merge.merge(sys.argv[1], sys.argv[2], dtype="float16")
 print(json.dumps({"before": report["memory"]["rss_before_bytes"], "peak": report["memory"]["peak_rss_streaming_bytes"],
-                  "peak_with_checks": memory.peak_rss(), "seconds": time.perf_counter() - started,
+                  "peak_with_checks": memory_use.peak_rss(), "seconds": time.perf_counter() - started,
                   "verification": report["verification"]}))
 """
 

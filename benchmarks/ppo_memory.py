@@ -50,12 +50,12 @@ def measure(kind: str, folder: str) -> dict:
     import torch
     import transformers  # noqa: F401
 
-    from ft import memory, models
+    from ft import memory_use, models
     from ft.recipe import LoraSection, ModelSection
 
     on_gpu = torch.cuda.is_available()
-    memory.release()
-    start = memory.current_rss()
+    memory_use.release()
+    start = memory_use.current_rss()
     section = ModelSection(name=folder)
     lora = LoraSection()
     if kind == "shared":
@@ -72,11 +72,11 @@ def measure(kind: str, folder: str) -> dict:
         rm = models.attach_lora(models.load_model(section, reward=True), lora, gradient_checkpointing=False, reward=True)
         held = [policy, reference, value, rm]
     gc.collect()
-    memory.release()
+    memory_use.release()
     if on_gpu:
         return {"kind": kind, "held": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated(),
                 "measure": "torch.cuda memory_allocated / max_memory_allocated", "models": len(held)}
-    return {"kind": kind, "held": memory.current_rss() - start, "peak": memory.peak_rss() - start,
+    return {"kind": kind, "held": memory_use.current_rss() - start, "peak": memory_use.peak_rss() - start,
             "measure": "growth of the process's resident memory (held after loading / peak while loading)",
             "models": len(held)}
 

@@ -125,7 +125,7 @@ def plain_trl(workdir: Path, steps: int, out_json: Path) -> None:
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from ft import memory, tiny
+    from ft import memory_use, tiny
 
     class CountingCollator(DataCollatorForLanguageModeling):
         """TRL's collator, recording (supervised, total, padding) tokens of each batch it builds."""
@@ -170,7 +170,7 @@ def plain_trl(workdir: Path, steps: int, out_json: Path) -> None:
     # The dataloader may build one batch ahead of the one trained on: count the batches actually trained.
     trained = collator.seen[: trainer.state.global_step * config.gradient_accumulation_steps]
     supervised, tokens, padding = (sum(column) for column in zip(*trained))
-    rss = memory.peak_rss()
+    rss = memory_use.peak_rss()
     out_json.write_text(json.dumps({
         "train_seconds": seconds, "supervised_tokens": supervised, "tokens": tokens,
         "padding_fraction": padding / max(tokens, 1), "supervised_tokens_per_second": supervised / seconds,

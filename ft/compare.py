@@ -8,7 +8,7 @@ models judge each pair, and the result is the share of prompts A wins, ties and 
   by default (`temperature` 0); with sampling, both models draw from the same seed.
 * The judge is exactly one of: reward model runs (the first is helpfulness; with a safety model the score is
   Llama 2's gated Rc, as in PPO and rejection sampling), or a Python function with TRL's reward signature. They
-  score through the same code the training stages use (`ft.rollout.Rewards`), so a score here is the score
+  score through the same code the training stages use (`ft.reward_model.Rewards`), so a score here is the score
   `llama-ft score` and PPO give.
 * A prompt is a tie when the two answers are identical; with reward models when the Bradley-Terry probability
   sigmoid(r_A - r_B) is within `tie_margin` of 0.5; with a reward function when the scores are equal. Every
@@ -32,11 +32,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ft import chat, data, memory, models, runs
+from ft import chat, data, memory_use, models, runs
 from ft.errors import UserError
 from ft.recipe import DataSource, ModelSection
 # sampling and scoring: the one implementation the training stages use
-from ft.rollout import Rewards, _where, generate, load_reward_function, reward_recipe, same_base, shared_rewards
+from ft.reward_model import Rewards, load_reward_function, reward_recipe, same_base, shared_rewards
+from ft.sampling import generate
 
 DEFAULT_TIE_MARGIN = 0.05  # a tie when |sigmoid(r_A - r_B) - 0.5| <= 0.05, i.e. |r_A - r_B| <= 0.20
 DEFAULT_OUTPUT = Path("runs") / "compare"
@@ -121,7 +122,7 @@ def contestant(label: str, spec: str) -> Contestant:
 def shared_base(a: Contestant, b: Contestant) -> bool:
     """Whether one copy of a base serves both: the same checkpoint, and the same quantisation when both are runs
     (a plain checkpoint that is a run's base is served as that base with the adapter off)."""
-    if _where(a.base.name) != _where(b.base.name):
+    if models.checkpoint_id(a.base.name) != models.checkpoint_id(b.base.name):
         return False
     return a.base.quantization == b.base.quantization if a.adapter and b.adapter else True
 
@@ -235,7 +236,7 @@ def _answer(contestants, shared, prompts, reward_models, safety_model, sampling,
     model, tokenizer = _load(first)
     answers = {first.label: _generate(first, model, tokenizer, prompts, log, **sampling)}
     del model
-    memory.free_models()
+    memory_use.free_models()
     model, tokenizer = _load(last)
     answers[last.label] = _generate(last, model, tokenizer, prompts, log, **sampling)
     return answers, {"model": model, "tokenizer": tokenizer, "section": last.base}
@@ -248,7 +249,7 @@ def _score(loaded, answers, prompts, function, reward_models, safety_model, thre
     judges = reward_models + ([safety_model] if safety_model else [])
     if function is not None or not (hasattr(model, "peft_config") and any(same_base(run, loaded["section"]) for run in judges)):
         model = None  # the last reference: freed before anything else loads
-        memory.free_models()
+        memory_use.free_models()
     if function is not None:
         rewards = Rewards(function=function, threshold=threshold)
     else:
@@ -260,7 +261,7 @@ def _score(loaded, answers, prompts, function, reward_models, safety_model, thre
     with _flag_names():
         scores = rewards(messages + messages, [c.text for c in answers["A"] + answers["B"]], flags + flags)
     del rewards, model
-    memory.free_models()
+    memory_use.free_models()
     return scores
 
 

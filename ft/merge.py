@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ft import memory, models, runs
+from ft import memory_use, models, runs
 from ft.errors import UserError
 
 REPORT_FILE = "merge_report.json"
@@ -58,12 +58,12 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
     tmp = runs.make_temp_dir(target)
     try:
         # 1. stream: one base tensor at a time in, output shards of at most max_shard_bytes out
-        memory.reset_peak()
-        rss_before = memory.current_rss()
+        memory_use.reset_peak()
+        rss_before = memory_use.current_rss()
         started = time.perf_counter()
         out_map, written, total_size, touched = _stream_merged(base_map, lora, scale, getattr(torch, dtype), tmp,
                                                                max_shard_bytes, run_dir, base_name)
-        peak_streaming = memory.peak_rss()
+        peak_streaming = memory_use.peak_rss()
         seconds = time.perf_counter() - started
         out_map = _name_shards(tmp, written, out_map, total_size)
         tokenizer = _write_beside_weights(base_dir, run_dir, recipe, tmp, dtype)
@@ -93,7 +93,7 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
             from ft import export_gguf
 
             report["gguf"] = [export_gguf.export(tmp, tmp / f"model-{t}.gguf", t, log=log) for t in gguf_types]
-        report["peak_rss_bytes"] = memory.peak_rss()
+        report["peak_rss_bytes"] = memory_use.peak_rss()
         runs.write_json(tmp / REPORT_FILE, report)
         # 3. publish: rename into place
         runs.publish_dir(tmp, target)
@@ -141,7 +141,7 @@ def _stream_merged(base_map: dict, lora: dict, scale: float, out_dtype, tmp: Pat
         written.append(name)
         out_map.update({key: name for key in pending})
         pending, pending_bytes = {}, 0
-        memory.release()
+        memory_use.release()
 
     for key, shard in base_map.items():
         with safe_open(str(shard), "pt") as f:  # opened per tensor: no mapping of a whole 10 GB shard stays resident

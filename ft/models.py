@@ -40,6 +40,13 @@ def resolve(name: str) -> str:
     return name
 
 
+def checkpoint_id(name: str) -> str:
+    """One spelling per checkpoint, to tell whether two names mean the same weights: a local folder (or the built-in
+    model) by its absolute path, else the Hub id."""
+    path = Path(resolve(name)).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def local_checkpoint(name: str) -> Path:
     """The checkpoint as a local folder: a folder or the built-in model as is, a Hub id through the Hub cache."""
     resolved = resolve(name)

@@ -101,21 +101,16 @@ def reward_recipe(run_dir: str | Path):
     recipe = runs.read_recipe(run_dir)
     if recipe.stage != "reward":
         raise UserError(f"{run_dir}: not a reward model run (its stage is {recipe.stage})")
-    if not (Path(run_dir) / "adapter_config.json").is_file():
-        raise UserError(f"{run_dir}: no adapter_config.json; the reward run did not finish")
+    if not runs.is_run(run_dir):
+        raise UserError(f"{run_dir}: no {runs.ADAPTER_CONFIG}; the reward run did not finish")
     return recipe
 
 
 def same_base(run_dir: str | Path, model_section) -> bool:
     """Whether a reward run was trained on this base with this quantization (so its adapter can share it)."""
     theirs = reward_recipe(run_dir).model
-    return (_where(theirs.name), theirs.quantization) == (_where(model_section.name), model_section.quantization)
-
-
-def _where(name: str) -> str:
-    """A model name as one spelling: a local folder (or the built-in model) by its absolute path, else the Hub id."""
-    path = Path(models.resolve(name)).expanduser()
-    return str(path.resolve()) if path.exists() else name
+    return ((models.checkpoint_id(theirs.name), theirs.quantization)
+            == (models.checkpoint_id(model_section.name), model_section.quantization))
 
 
 # ---------------------------------------------------------------- rewards

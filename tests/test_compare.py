@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, run_cli, write_jsonl
 from ft import compare
-from ft.rollout import Scorer, combine  # the scoring code every stage uses
+from ft.reward_model import Scorer, combine  # the scoring code every stage uses
 
 PROMPTS = ROOT / "datasets" / "tiny_prompts.jsonl"
 CORRECT = f"{ROOT / 'tests' / 'reward_functions.py'}:correct"

@@ -51,7 +51,7 @@ def test_the_sampler_sees_the_instruction_after_a_blank_line_in_every_user_messa
 def test_plans_use_the_short_form_as_often_as_asked_never_combine_conflicts_and_repeat_with_the_seed():
     cfg = GAttSection(combine=3, max_turns=4, short_probability=0.3)
     users = [[f"question {i}.{t}" for t in range(6)] for i in range(2000)]
-    plans = gatt.plan(users, instructions.builtin(), cfg, random.Random(0))
+    plans = gatt.assign_instructions(users, instructions.builtin(), cfg, random.Random(0))
     assert abs(sum(p["short"] for p in plans) / len(plans) - 0.3) < 0.04
     assert {len(p["users"]) for p in plans} == {1, 2, 3, 4} and {len(p["instruction"].parts) for p in plans} == {1, 2, 3}
     for p in plans:
@@ -59,8 +59,8 @@ def test_plans_use_the_short_form_as_often_as_asked_never_combine_conflicts_and_
         assert not any(a.conflicts_with(b) for i, a in enumerate(parts) for b in parts[i + 1:])
         families = [x.family for x in parts]
         assert len(families) == len(set(families))  # never two languages, two figures, two hobbies
-    again = gatt.plan(users, instructions.builtin(), cfg, random.Random(0))
-    assert again == plans and gatt.plan(users, instructions.builtin(), cfg, random.Random(1)) != plans
+    again = gatt.assign_instructions(users, instructions.builtin(), cfg, random.Random(0))
+    assert again == plans and gatt.assign_instructions(users, instructions.builtin(), cfg, random.Random(1)) != plans
     conflicting = [instructions.Instruction("Answer in capitals.", checks=("uppercase",)),
                    instructions.Instruction("Answer in small letters.", checks=("lowercase",))]
     draws = [instructions.draw(conflicting, random.Random(s), 2) for s in range(50)]

@@ -14,7 +14,7 @@ import time
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from ft import data, distributed, memory, models, runs
+from ft import data, distributed, memory_use, models, runs
 from ft.recipe import Recipe
 from ft.stages import common
 
@@ -61,7 +61,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "train_seconds": round(seconds, 3),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         **batch,
-        **memory.training_peak(),
+        **memory_use.training_peak(),
         "data": {"train": vars(train_report)},
     }
     if eval_pairs:

@@ -26,7 +26,7 @@ import random
 
 import torch
 
-from ft import data, instructions as instructions_mod, memory, models, runs, sampling
+from ft import data, instructions as instructions_mod, memory_use, models, runs, sampling
 from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import sft as sft_stage
@@ -54,8 +54,8 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
                             "lower it, or give data.eval")
         users, held_out = users[:len(users) - cfg.eval_dialogs], users[len(users) - cfg.eval_dialogs:]
     rng = random.Random(recipe.train.seed)
-    plans = plan(users, instructions, cfg, rng)
-    tests = eval_plan(held_out[:cfg.eval_dialogs], instructions, cfg, rng) if cfg.eval_dialogs else []
+    plans = assign_instructions(users, instructions, cfg, rng)
+    tests = assign_eval_instructions(held_out[:cfg.eval_dialogs], instructions, cfg, rng) if cfg.eval_dialogs else []
     log(f"{report.summary('dialogs')}; {len(plans)} to sample, {len(tests)} held out for the evaluation")
 
     # 3-4. the current model samples the answers, with the instruction in every user message
@@ -66,7 +66,7 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
     torch.manual_seed(recipe.train.seed)
     rows, dropped = sample(model, tokenizer, plans, cfg, log)
     del model
-    memory.free_models()
+    memory_use.free_models()
     if not rows:
         raise UserError("gatt: every sampled dialog was dropped (its final answer failed the checks, or an answer was "
                         "empty); raise gatt.retries or check the instructions")
@@ -89,7 +89,7 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
             model, tokenizer = load(recipe, str(out / "sft"))
             metrics["adherence_after"] = evaluate(model, tokenizer, tests, cfg)
             del model
-            memory.free_models()
+            memory_use.free_models()
     if tests:
         metrics["eval_dialogs"] = len(tests)
         log(table(metrics, cfg.eval_turns))
@@ -100,7 +100,7 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
 # ---------------------------------------------------------------- planning (pure, seeded)
 
 
-def plan(users: list[list[str]], instructions, cfg, rng: random.Random) -> list[dict]:
+def assign_instructions(users: list[list[str]], instructions, cfg, rng: random.Random) -> list[dict]:
     """Per training dialog: its user turns cut to 1..max_turns, its instruction, and whether the system message
     is the short form."""
     plans = []
@@ -115,7 +115,7 @@ def plan(users: list[list[str]], instructions, cfg, rng: random.Random) -> list[
     return plans
 
 
-def eval_plan(users: list[list[str]], instructions, cfg, rng: random.Random) -> list[dict]:
+def assign_eval_instructions(users: list[list[str]], instructions, cfg, rng: random.Random) -> list[dict]:
     """Held-out dialogs with gatt.eval_turns user turns (a shorter dialog's turns are repeated in order) and an
     instruction that has checks."""
     tests = []
@@ -218,5 +218,6 @@ def table(metrics: dict, turns: int) -> str:
 def load(recipe: Recipe, adapter: str | None):
     """The model (base + adapter) for sampling or evaluation, and its tokenizer."""
     tokenizer = models.load_tokenizer(adapter or recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
-    model = models.attach_lora(models.load_model(recipe.model), recipe.lora, adapter=adapter, gradient_checkpointing=False)
+    model = models.attach_lora(models.load_model(recipe.model), recipe.lora, adapter=adapter, gradient_checkpointing=False,
+                               upcast_frozen=recipe.model.upcast_frozen)
     return model.eval(), tokenizer

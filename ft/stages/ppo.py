@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from ft import data, memory, models, reward_model, rl, runs, sampling
+from ft import data, memory_use, models, reward_model, rl, runs, sampling
 from ft.errors import Interrupted, UserError
 from ft.recipe import Recipe
 from ft.rl import Rollout
@@ -106,7 +106,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "value_init": ppo.value_init,
         "resumed_from": checkpoint,
         "train_seconds": round(seconds, 3),
-        **memory.training_peak(),
+        **memory_use.training_peak(),
         "data": {"train": vars(report)},
     }
     if eval_prompts:
@@ -189,7 +189,8 @@ def load_policy(recipe: Recipe, function, log):
     prompts, report = load_prompts(recipe.data.train, tokenizer, recipe.data)
     log(report.summary("prompts"))
     model = models.attach_lora(models.load_model(recipe.model), recipe.lora, adapter=recipe.model.adapter,
-                               gradient_checkpointing=recipe.train.gradient_checkpointing)
+                               gradient_checkpointing=recipe.train.gradient_checkpointing,
+                               upcast_frozen=recipe.model.upcast_frozen)
     if function is not None:
         rewards = (reward_model.Rewards(function=function), None, None)
     else:

@@ -15,7 +15,7 @@ import datasets
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from ft import memory, models, reward_model, runs
+from ft import memory_use, models, reward_model, runs
 from ft.recipe import Recipe
 from ft.stages import common
 from ft.stages.ppo import iterations, load_policy
@@ -88,7 +88,7 @@ def run(recipe: Recipe, function, *, resume: bool, log=print) -> dict:
         "reward_sources": rewards.names,
         "resumed_from": checkpoint,
         "train_seconds": round(seconds, 3),
-        **memory.training_peak(),
+        **memory_use.training_peak(),
         "data": {"train": vars(report)},
     }
     runs.write_json(out / runs.METRICS_FILE, metrics)

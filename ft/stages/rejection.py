@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from ft import data, memory, models, reward_model, runs, sampling
+from ft import data, memory_use, models, reward_model, runs, sampling
 from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import sft as sft_stage
@@ -38,7 +38,8 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
     tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
                                      trust_remote_code=recipe.model.trust_remote_code)
     policy = models.attach_lora(models.load_model(recipe.model), recipe.lora,
-                                adapter=recipe.model.adapter, gradient_checkpointing=False)
+                                adapter=recipe.model.adapter, gradient_checkpointing=False,
+                                upcast_frozen=recipe.model.upcast_frozen)
     rewards, _, _ = reward_model.shared_rewards(policy, tokenizer, recipe.model, [cfg.reward_model], cfg.safety_model,
                                                 threshold=cfg.safety_threshold, batch_size=cfg.batch_size, log=log)
 
@@ -56,7 +57,7 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
     flags = [p["safety"] for p, answers in zip(prompts, samples) for _ in answers]
     combined, _ = rewards(flat_prompts, flat_answers, flags)
     del policy, rewards
-    memory.free_models()
+    memory_use.free_models()
 
     # 3. keep the best answer of each prompt
     rows, means, maxes, k = [], [], [], cfg.k

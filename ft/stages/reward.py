@@ -14,7 +14,7 @@ import time
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from ft import data, distributed, memory, models, runs
+from ft import data, distributed, memory_use, models, runs
 from ft.reward_model import Scorer, render
 from ft.errors import UserError
 from ft.recipe import Recipe
@@ -69,7 +69,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "accuracy": accuracy,
         "accuracy_split": "eval" if eval_pairs else "train (no data.eval given)",
         **batch,
-        **memory.training_peak(),
+        **memory_use.training_peak(),
         "data": {"train": vars(train_report)},
     }
     runs.write_json(out / runs.METRICS_FILE, metrics)

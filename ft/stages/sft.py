@@ -13,7 +13,7 @@ import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from ft import data, distributed, memory, models, runs
+from ft import data, distributed, memory_use, models, runs
 from ft.stages import common
 from ft.recipe import Recipe
 
@@ -80,7 +80,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "padding_fraction": counts["padding_tokens"] / max(counts["tokens"], 1),
         "supervised_tokens_per_second": counts["supervised_tokens"] / seconds if seconds else None,
         **batch,
-        **memory.training_peak(),
+        **memory_use.training_peak(),
         "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
     }
     if eval_set is not None:

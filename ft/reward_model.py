@@ -49,13 +49,11 @@ class Scorer:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Scorer":
-        from peft import PeftModel
-
         recipe = reward_recipe(run_dir)
         tokenizer = models.load_tokenizer(str(run_dir), trust_remote_code=recipe.model.trust_remote_code)
         base = models.load_model(recipe.model.model_copy(update={"adapter": None}), reward=True)
         models.exact_4bit_kernels(base)  # the same scores as on a shared base (see there)
-        return cls(PeftModel.from_pretrained(base, str(run_dir)), tokenizer)
+        return cls(models.load_adapter(base, run_dir), tokenizer)
 
     def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
         scores = []

@@ -282,6 +282,13 @@ def publish_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def rotate_checkpoints(run_dir: Path, keep: int | None) -> None:
+    """Remove all but the newest `keep` checkpoint-N/ folders (all are kept when `keep` is None or 0)."""
+    found = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name[11:]) if p.name[11:].isdigit() else -1)
+    for old in found[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_json(path: Path, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

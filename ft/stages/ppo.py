@@ -394,16 +394,11 @@ class PPO:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
+            runs.publish_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        limit = self.recipe.train.save_total_limit
-        kept = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name[11:]) if p.name[11:].isdigit() else -1)
-        for old in kept[:-limit] if limit else []:
-            shutil.rmtree(old, ignore_errors=True)
+        runs.rotate_checkpoints(out, self.recipe.train.save_total_limit)
         return target
 
     def load(self, checkpoint: Path) -> dict:

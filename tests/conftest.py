@@ -3,7 +3,7 @@ run built once per test session and shared by every pytest-xdist worker (a file 
 
 Markers (registered in pyproject.toml):
   slow  long learning checks, run only with LLAMA_FT_SLOW_TESTS=1
-  e2e   tests that start the command line (or use a fixture that does), given automatically:
+  e2e   tests that start the command line or a whole stage (or use a fixture that does), given automatically:
         `pytest -m "not e2e"` is the fast loop of arithmetic, format, mask and loss tests.
 """
 
@@ -38,7 +38,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _starts_the_cli(function, depth: int = 3) -> bool:
-    """Whether a test function (or a helper of its module it calls, a few calls deep) calls run_cli or subprocess."""
+    """Whether a test function (or a helper of its module it calls, a few calls deep) starts the CLI or a stage: run_cli,
+    subprocess, typer's CliRunner, ft.run_stage."""
     code = getattr(function, "__code__", None)
     if code is None or depth == 0:
         return False
@@ -46,7 +47,7 @@ def _starts_the_cli(function, depth: int = 3) -> bool:
     for const in code.co_consts:  # nested functions and lambdas
         if isinstance(const, types.CodeType):
             names |= set(const.co_names)
-    if names & {"run_cli", "subprocess", "run_cli_in"}:
+    if names & {"run_cli", "subprocess", "CliRunner", "run_stage"}:
         return True
     module = function.__globals__
     return any(_starts_the_cli(module[n], depth - 1) for n in names

@@ -176,8 +176,10 @@ def load_tasks(tasks: list[str], *, include_path: str | None = None):
         try:
             one = manager.load([spec])
         except ConnectionError as e:  # datasets: "Couldn't reach 'owner/name' on the Hub (OfflineModeIsEnabled)"
-            dataset = re.search(r"'([^']+)'", str(e))
-            raise UserError(f"task {name}: its dataset {dataset.group(1) if dataset else ''} is not in the Hugging "
+            found = re.search(r"reach '([^']+)'", str(e))
+            entry = manager.task_index.get(name)
+            dataset = found.group(1) if found else (entry.cfg or {}).get("dataset_path", "?") if entry else "?"
+            raise UserError(f"task {name}: its dataset {dataset} is not in the Hugging "
                             "Face cache and the Hub cannot be reached (offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE). "
                             "Run it once online to cache the data, or use a task YAML with local data files") from None
         except FileNotFoundError as e:

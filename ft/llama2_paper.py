@@ -45,4 +45,4 @@ def figure(task: str, metric: str, size: str | None) -> dict | None:
     paper_metric, shots, where, values = FIGURES[task]
     if metric.split(",")[0] != paper_metric or size not in values:
         return None
-    return {"value": values[size] / 100, "shots": shots, "source": where, "size": size}
+    return {"value": round(values[size] / 100, 4), "shots": shots, "source": where, "size": size}

@@ -130,7 +130,6 @@ def harness_model(net, tokenizer, *, chat: bool, batch_size: str | int = "auto")
         lm = Llama2LM(pretrained=net, tokenizer=tokenizer, backend="causal", batch_size=batch_size, max_batch_size=64)
     finally:
         quiet.setLevel(level)
-    lm.chat = chat
     return lm
 
 
@@ -154,10 +153,9 @@ def load_tasks(tasks: list[str], *, include_path: str | None = None):
     include = [str(Path(include_path).expanduser())] if include_path else []
     files = {name: _task_file(name) for name in tasks}
     # lm-eval indexes its ~15,000 built-in YAMLs in ~10-20 s: skipped when every task is local
-    local = TaskManager(include_path=include or None, include_defaults=False) if include else None
-    everything_local = all(files[n] is not None or (local and n in local.all_tasks) for n in tasks)
-    manager = local if everything_local and local else TaskManager(include_path=include or None,
-                                                                   include_defaults=not everything_local)
+    manager = TaskManager(include_path=include, include_defaults=False)
+    if not all(files[n] is not None or n in manager.all_tasks for n in tasks):
+        manager = TaskManager(include_path=include or None)
     specs = []
     for name in tasks:
         if files[name] is not None:

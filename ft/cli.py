@@ -293,6 +293,35 @@ def keys(
         typer.echo(f"{key:<34} {default:<14} {doc}")
 
 
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="A run folder, a merged folder, or a checkpoint (folder or Hub id)."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval tasks, groups or task YAML files: mmlu,arc_easy"),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="A folder of task YAMLs (as lm_eval's flag)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="Few-shot examples (default: each task's own)."),
+    limit: Optional[float] = typer.Option(None, "--limit", min=0.0, help="Examples per task: a count, or a fraction below 1."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Requests per forward pass, or auto (the largest that fits)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message of the Llama 2 chat format."),
+    chat_template: str = typer.Option("auto", "--chat-template", help="auto (on for a model tuned on dialogs) | on | off"),
+    base: bool = typer.Option(False, "--base", help="Also evaluate the base with the adapter switched off, and the difference."),
+    output: Optional[Path] = typer.Option(None, "--output", help="The JSON to write (default for a run: a new file in RUN/eval/)."),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="4bit | 8bit | none (default: as trained)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder to apply to MODEL."),
+):
+    """Benchmark a model with lm-evaluation-harness, in the Llama 2 chat format it was tuned on; --base compares with
+    the base, and beside a Llama 2 base the paper's figures are printed."""
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+        raise UserError(f"--batch-size {batch_size}: expected a positive number or auto")
+    from ft import evaluation
+
+    evaluation.evaluate(model, [t.strip() for t in tasks.split(",") if t.strip()],
+                        include_path=str(include_path) if include_path else None, num_fewshot=num_fewshot,
+                        limit=int(limit) if limit is not None and limit >= 1 and limit == int(limit) else limit,
+                        batch_size=batch_size if batch_size == "auto" else int(batch_size), system=system,
+                        chat_template=chat_template, base=base, output=str(output) if output else None,
+                        quantization=quantization, adapter=str(adapter) if adapter else None, log=typer.echo)
+
+
 def _quiet_third_party() -> None:
     """Library output a llama-ft user cannot act on, kept out of the way of llama-ft's own lines. Each entry
     says why; every other warning stays, and so would a deprecation raised by llama-ft's own calls."""

@@ -246,6 +246,24 @@ class OutputSection(Section):
         return self
 
 
+class EvalSection(Section):
+    tasks: list[str] = Field(
+        min_length=1, description="lm-eval tasks (names or task YAML files) run at the end of training, with and without "
+        "the adapter (as `llama-ft eval RUN --base`); the results go into metrics.json under eval."
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per question (default: each task's own).")
+    limit: int | float | None = Field(
+        None, gt=0, description="Examples per task: a count, or a fraction of the task below 1 (default: all of it)."
+    )
+    system: str | None = Field(None, description="System message of the Llama 2 chat format during the evaluation.")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """Accept `tasks: mmlu,arc_easy` as --tasks does."""
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+
 # the stages and their own sections are declared once, in ft/stages/__init__.py
 STAGE_SECTIONS = {s.section: s.name for s in STAGES.values() if s.section}  # section -> the stage it belongs to
 
@@ -261,6 +279,7 @@ class Recipe(Section):
     rejection: RejectionSection | None = Field(None, description="Rejection-sampling settings (stage: rejection).")
     ppo: PPOSection | None = Field(None, description="PPO / RLOO / GRPO settings (stage: ppo).")
     gatt: GAttSection | None = Field(None, description="Ghost Attention settings (stage: gatt).")
+    eval: EvalSection | None = Field(None, description="Benchmarks at the end of training (lm-eval; stages that tune a chat model).")
     output_dir: str = Field(description="The run folder (relative to the current directory).")
     output: OutputSection = Field(default_factory=OutputSection, description="Publishing the finished run to the Hub.")
 
@@ -269,6 +288,9 @@ class Recipe(Section):
         for section, stage in STAGE_SECTIONS.items():
             if getattr(self, section) is not None and self.stage != stage:
                 raise ValueError(f"section '{section}' belongs to stage {stage}, but this recipe's stage is {self.stage}")
+        if self.eval is not None and self.stage == "reward":
+            raise ValueError("section 'eval' benchmarks a chat model; a reward model is not one (score answers with "
+                             "`llama-ft score`)")
         if self.stage == "rejection" and self.rejection is None:
             raise ValueError("stage rejection needs a 'rejection' section (at least rejection.reward_model)")
         if self.stage == "reward" and self.reward is None:

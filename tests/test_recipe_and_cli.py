@@ -23,8 +23,8 @@ def test_cli_commands_are_the_documented_ones():
     from ft.cli import app
 
     names = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
-    assert names == ["chat", "compare", "dpo", "gatt", "keys", "merge", "plan", "ppo", "push", "recipes", "rejection", "reward",
-                     "score", "sft", "validate"]
+    assert names == ["annotate", "chat", "compare", "dpo", "eval", "gatt", "keys", "merge", "plan", "ppo", "push", "recipes",
+                     "rejection", "reward", "score", "sft", "validate"]
 
 
 def test_help_is_fast_because_torch_is_not_imported():

@@ -85,7 +85,8 @@ def run_stage(stage: str, recipe: str | Path, *, overrides: Sequence[str] = (), 
     In order: the recipe is loaded (`overrides` are `--set` strings, `output_dir` replaces `output_dir`) and must be
     for this stage; a stage that keeps several models on one GPU refuses several processes; on a GPU, `llama-ft
     plan`'s memory check runs first (`force` trains anyway); with `output.push`, Hub access is checked before
-    training, not after a week; the stage runs; `say` gets the "done:"/"next:" lines; the run is pushed.
+    training, not after a week; the stage runs; the recipe's `eval:` benchmarks run (before/after, into
+    metrics.json); `say` gets the "done:"/"next:" lines; the run is pushed.
     `train=False` (rejection, gatt) only samples. Raises ft.errors.UserError for anything the user must fix, and
     ft.errors.Interrupted on Ctrl-C or SIGTERM after a checkpoint was saved (its `.again` is the command that
     continues the run).
@@ -131,8 +132,11 @@ def run_stage(stage: str, recipe: str | Path, *, overrides: Sequence[str] = (), 
                                 *(["--output-dir", str(output_dir)] if output_dir else []), "--resume"])
         raise
     out = Path(loaded.output_dir)
-    if not distributed.is_main():  # the main process says what happened, and pushes
+    if not distributed.is_main():  # the main process says what happened, evaluates and pushes
         return out
+    from ft import evaluation
+
+    evaluation.after_training(loaded, out, log=say)  # the recipe's eval: section, if any
     if info.trains_adapter_to_merge:
         say(f"\ndone: the adapter is in {out}\nnext: llama-ft merge {out} --output <dir>")
     elif info.then_sft:

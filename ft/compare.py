@@ -107,7 +107,7 @@ def run(a: str, b: str, prompts_file: str | Path, *, reward_models: list[str] | 
 def contestant(label: str, spec: str) -> Contestant:
     """What A or B is, by the forms `llama-ft chat` takes (see chat.load), without loading it."""
     folder = Path(spec).expanduser()
-    if folder.is_dir() and (folder / runs.RECIPE_FILE).is_file() and (folder / "adapter_config.json").is_file():
+    if runs.is_run(folder):
         recipe = runs.read_recipe(folder)
         if recipe.stage == "reward":
             raise UserError(f"{label} = {spec} is a reward model: judge with --reward-model {spec}, compare chat models")

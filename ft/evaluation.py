@@ -88,7 +88,7 @@ def describe(model: str, *, adapter: str | None = None, quantization: str | None
     """The model's lineage: what it is (run, merged, checkpoint), its base, adapter and quantisation, and whether
     it was tuned on dialogs (which `--chat-template auto` follows)."""
     folder = Path(model).expanduser()
-    is_run = folder.is_dir() and (folder / runs.RECIPE_FILE).is_file() and (folder / "adapter_config.json").is_file()
+    is_run = runs.is_run(folder)
     if is_run:
         recipe = runs.read_recipe(folder)
         return {"model": str(model), "kind": "run", "stage": recipe.stage, "base": recipe.model.name,

@@ -2,7 +2,8 @@
 
 MODEL may be a run folder (its base, quantised as it was trained unless --quantization says
 otherwise, plus its adapter and tokenizer), a merged folder, or any Llama 2 checkpoint (local
-folder or Hub id). Generation stops at EOS. The history is trimmed from the oldest turns so the
+folder or Hub id). Generation stops at EOS, or early through Session.stop (Ctrl-C in the terminal,
+the stop button of `llama-ft chat --web`, ft/web.py). The history is trimmed from the oldest turns so the
 prompt and the answer fit Llama 2's 4096-token context; the system prompt always stays.
 """
 

@@ -130,7 +130,7 @@ def chat_page(session, *, title: str):
         with gr.Row():
             with gr.Column(scale=3):
                 dialog = gr.Chatbot(label="dialog", height=420, elem_id="dialog", feedback_options=None,
-                                    buttons=["copy", "copy_all"])  # no "share": it posts to Hugging Face
+                                    buttons=["copy", "copy_all"], allow_tags=False)  # no "share": it posts to Hugging Face
                 message = gr.Textbox(label="message", placeholder="Write a message, then Enter", elem_id="message")
                 with gr.Row():
                     send = gr.Button("send", variant="primary", elem_id="send")
@@ -196,7 +196,7 @@ def annotate_page(annotator, *, title: str):
         system = gr.Textbox(label="system message (applies from the next new dialog)", value=annotator.system or "",
                             elem_id="system")
         history = gr.Chatbot(label="dialog so far (carried by the chosen answers)", height=180, elem_id="history",
-                             feedback_options=None, buttons=["copy"])
+                             feedback_options=None, buttons=["copy"], allow_tags=False)
         prompt = gr.Textbox(label="prompt", elem_id="prompt", placeholder="Write the next user message")
         ask_button = gr.Button("get two answers", variant="primary", elem_id="ask")
         with gr.Row():

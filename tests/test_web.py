@@ -4,6 +4,7 @@ but 127.0.0.1 unresolvable: the pages must load and work with no network, and th
 they made went to the page's own server. LLAMA_FT_SCREENSHOTS=DIR saves a screenshot of each page there
 (scripts/web_screenshots.sh writes docs/images/)."""
 
+import importlib.util
 import json
 import os
 import random
@@ -64,7 +65,7 @@ def browser(tmp_path_factory):
     downloads = tmp_path_factory.mktemp("downloads")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1100",
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1250",
                      "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):  # offline but for the page
         options.add_argument(argument)
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
@@ -149,7 +150,6 @@ def test_chat_page_answers_as_the_terminal_does(trained_run, browser):
             return by_css(browser, '[data-testid="bot"]')[-1].text.strip()
 
         assert ask(question, 1) == plain  # the page's greedy answer is the terminal's
-        screenshot(browser, "chat-web.png")
         assert json.loads(download(browser, "#download").read_text()) == [
             {"role": "user", "content": question}, {"role": "assistant", "content": plain}]
 
@@ -158,6 +158,7 @@ def test_chat_page_answers_as_the_terminal_does(trained_run, browser):
                  "the cleared dialog")
         type_into(browser, "#system textarea", system)
         assert ask(question, 1) == terse
+        screenshot(browser, "chat-web.png")
         assert json.loads(download(browser, "#download").read_text()) == [
             {"role": "system", "content": system}, {"role": "user", "content": question},
             {"role": "assistant", "content": terse}]  # the history before the clear is gone
@@ -298,3 +299,40 @@ def test_the_stop_event_ends_an_answer_and_keeps_the_dialog(tiny_dir):
     session.stop.clear()
     session.max_new_tokens = 5
     assert not session.answer("Again.").stopped and len(session.turns) == 4  # the session goes on
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(name) is None for name in ("llama_cpp", "sse_starlette", "openai")),
+                    reason="needs llama-cpp-python[server] and openai")
+def test_llama_cpp_server_answers_as_llama_ft_chat(merged):
+    """The merged GGUF served by llama.cpp's OpenAI-compatible server (llama-cpp-python[server]), asked with the
+    official openai client: the chat template inside the GGUF gives the greedy answer `llama-ft chat` gives."""
+    import openai
+
+    _, out = merged
+    question = "What does a duck say?"
+    expected = run_cli("chat", out, "--prompt", question, "--temperature", "0", "--max-new-tokens", "40")
+    assert expected.returncode == 0, expected.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(out / "model-f16.gguf"),
+                               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def up():
+            if server.poll() is not None:
+                raise AssertionError("the llama.cpp server exited:\n" + server.stderr.read()[-3000:])
+            try:
+                return client.models.list()
+            except openai.APIConnectionError:
+                return None
+
+        wait_for(up, "the llama.cpp server", timeout=120)
+        reply = client.chat.completions.create(model="merged", messages=[{"role": "user", "content": question}],
+                                               temperature=0, max_tokens=40)
+        assert reply.choices[0].message.content.strip() == expected.stdout.strip()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -212,9 +212,11 @@ def annotate_page(annotator, *, title: str):
         ask_button.click(ask, [prompt, dialog], [prompt, answer_a, answer_b, status])
         prompt.submit(ask, [prompt, dialog], [prompt, answer_a, answer_b, status])
         chosen_outputs = [history, prompt, answer_a, answer_b, strength, safety, status]
-        a_better.click(lambda *a: choose("A", *a), [strength, safety, dialog], chosen_outputs)
-        b_better.click(lambda *a: choose("B", *a), [strength, safety, dialog], chosen_outputs)
-        new.click(new_dialog, [system, dialog], [dialog, history, prompt, answer_a, answer_b, status])
+        # a choice needs no model: it does not wait behind another tab's generation (the writer's lock orders rows)
+        a_better.click(lambda *a: choose("A", *a), [strength, safety, dialog], chosen_outputs, concurrency_limit=None)
+        b_better.click(lambda *a: choose("B", *a), [strength, safety, dialog], chosen_outputs, concurrency_limit=None)
+        new.click(new_dialog, [system, dialog], [dialog, history, prompt, answer_a, answer_b, status],
+                  concurrency_limit=None)
     return page
 
 

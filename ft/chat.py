@@ -2,38 +2,71 @@
 
 MODEL may be a run folder (its base, quantised as it was trained unless --quantization says
 otherwise, plus its adapter and tokenizer), a merged folder, or any Llama 2 checkpoint (local
-folder or Hub id). Generation stops at EOS. The history is trimmed from the oldest turns so the
+folder or Hub id). Generation stops at EOS, or early through Session.stop (Ctrl-C in the terminal,
+the stop button of `llama-ft chat --web`, ft/web.py). The history is trimmed from the oldest turns so the
 prompt and the answer fit Llama 2's 4096-token context; the system prompt always stays.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ft import chat_format, models, runs
 from ft.errors import UserError
 from ft.recipe import ModelSection
 
 CONTEXT = 4096
+POLL_SECONDS = 0.1  # how long the waiting thread sleeps at most before it looks at a pending Ctrl-C
 HELP = "commands: /system TEXT, /reset, /save FILE, /exit (Ctrl-C stops an answer, Ctrl-D exits)"
 
 
+@dataclass
+class Answer:
+    """One generated answer: its text, tokens generated (EOS included), seconds, and whether the stop cut it."""
+
+    text: str
+    tokens: int
+    seconds: float
+    stopped: bool
+
+
 class Session:
-    """A loaded model and tokenizer, and a dialog history."""
+    """A loaded model and tokenizer, and a dialog history; the terminal chat and the web page are views of it.
+
+    `stop` is the one way to end an answer early: Ctrl-C in the terminal and the page's stop button set it, the
+    generation checks it before every new token, and an answer is marked stopped only when it was cut by it.
+    """
 
     def __init__(self, model, tokenizer, *, system: str | None, max_new_tokens: int, temperature: float, top_p: float):
         self.model, self.tokenizer = model, tokenizer
         self.system, self.turns = system, []
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.context = min(getattr(model.config, "max_position_embeddings", CONTEXT), CONTEXT)
+        self.stop = threading.Event()
+        self.last: Answer | None = None
+
+    def fork(self) -> "Session":
+        """A new dialog on the same loaded model (one per browser tab), with this session's settings."""
+        return Session(self.model, self.tokenizer, system=self.system, max_new_tokens=self.max_new_tokens,
+                       temperature=self.temperature, top_p=self.top_p)
 
     def messages(self, user: str) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.turns + [{"role": "user", "content": user}]
+
+    def transcript(self) -> list[dict]:
+        """The dialog so far as messages, system first: what /save writes and the page downloads."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns
 
     def prompt_ids(self, user: str):
         """Token ids of the dialog so far plus `user`, dropping the oldest turns until it fits."""
@@ -50,10 +83,16 @@ class Session:
                             f"exceed the {self.context}-token context")
         return ids
 
-    def answer(self, user: str, *, stream=None) -> tuple[str, int, float]:
-        """Generate an answer (streamed to `stream` if given); returns text, new tokens, seconds."""
+    def stream(self, user: str) -> Iterator[str]:
+        """Generate the answer to `user`, yielding its text in pieces as they come. When it ends (EOS, the token
+        limit, or `stop`), the turn is in the history (a stopped answer as far as it got) and `last` is its Answer.
+
+        The text kept is the decoded tokens, so a streamed, a one-shot and a page answer are the same text. The
+        model runs in a worker thread; this thread only waits on it, a short while at a time, so that a Ctrl-C
+        handler (which runs in the main thread only) runs at once even while no text arrives.
+        """
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         ids = self.prompt_ids(user).to(self.model.device)
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
@@ -62,47 +101,80 @@ class Session:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        started = time.perf_counter()
-        if stream is None:
-            with torch.no_grad():
-                out = self.model.generate(**kwargs)[0, ids.shape[1]:]
-            text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
-            new_tokens = len(out)
-        else:
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            stop = threading.Event()
-            worker = threading.Thread(target=_generate, args=(self.model, kwargs, streamer, stop), daemon=True)
-            worker.start()
-            pieces = []
+        stop, abandoned, cut = self.stop, threading.Event(), threading.Event()
+
+        class StopEvent(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                if stop.is_set() or abandoned.is_set():
+                    cut.set()
+                    return True
+                return False
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=POLL_SECONDS)
+        result: dict = {}
+
+        def work():
             try:
-                for piece in streamer:
-                    pieces.append(piece)
-                    stream.write(piece if len(pieces) > 1 else piece.lstrip())
-                    stream.flush()
-            except KeyboardInterrupt:  # Ctrl-C: stop this answer, keep the session
-                stop.set()
-                worker.join()
-                stream.write(" [stopped]\n")
-                raise
+                with torch.no_grad():
+                    result["ids"] = self.model.generate(**kwargs, streamer=streamer,
+                                                        stopping_criteria=StoppingCriteriaList([StopEvent()]))[0, ids.shape[1]:]
+            except BaseException as e:  # re-raised in the caller's thread; the streamer must still end
+                result["error"] = e
+                streamer.end()
+
+        started = time.perf_counter()
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        first = True
+        try:
+            while True:
+                try:
+                    piece = next(streamer)
+                except queue.Empty:
+                    continue
+                except StopIteration:
+                    break
+                if first:
+                    piece = piece.lstrip()
+                if piece:
+                    first = False
+                    yield piece
+        finally:
+            abandoned.set()  # a consumer that gives up (a closed page, an error) ends the generation too
             worker.join()
-            stream.write("\n")
-            text = "".join(pieces).strip()
-            new_tokens = len(self.tokenizer.encode(text, add_special_tokens=False)) + 1
-        seconds = time.perf_counter() - started
-        self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
-        return text, new_tokens, seconds
+        if "error" in result:
+            raise result["error"]
+        out = result["ids"]
+        text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        self.last = Answer(text, len(out), time.perf_counter() - started, stopped=cut.is_set() and stop.is_set())
+        if text:  # an answer stopped before its first word leaves no turn (an empty answer is not a dialog)
+            self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+
+    def answer(self, user: str, *, stream=None) -> Answer:
+        """Generate the answer to `user` (its pieces written to `stream` as they come, if given)."""
+        for piece in self.stream(user):
+            if stream is not None:
+                stream.write(piece)
+                stream.flush()
+        if stream is not None:
+            stream.write(" [stopped]\n" if self.last.stopped else "\n")
+            stream.flush()
+        return self.last
 
 
-def _generate(model, kwargs, streamer, stop) -> None:
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kw):
-            return stop.is_set()
-
-    with torch.no_grad():
-        model.generate(**kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]))
+@contextmanager
+def ctrl_c_stops(session: Session):
+    """While inside, Ctrl-C (SIGINT) sets `session.stop` instead of raising KeyboardInterrupt wherever the main
+    thread happens to be. Installed explicitly: a shell that starts a program in the background without job
+    control (a script's `cmd &`, many CI runners) leaves SIGINT ignored, and Python keeps it ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: session.stop.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def load(model: str, *, adapter: str | None = None, quantization: str | None = None):
@@ -139,7 +211,7 @@ def load(model: str, *, adapter: str | None = None, quantization: str | None = N
 
 
 def one_shot(session: Session, prompt: str, out=sys.stdout) -> str:
-    text, _, _ = session.answer(prompt)
+    text = session.answer(prompt).text
     out.write(text + "\n")
     return text
 
@@ -176,19 +248,23 @@ def interactive(session: Session, inp=sys.stdin, out=sys.stdout, err=sys.stderr)
             if not rest.strip():
                 err.write("usage: /save FILE\n")
                 continue
-            head = [{"role": "system", "content": session.system}] if session.system else []
-            Path(rest.strip()).expanduser().write_text(json.dumps(head + session.turns, indent=2, ensure_ascii=False) + "\n")
-            err.write(f"(saved {len(head + session.turns)} messages to {rest.strip()})\n")
+            messages = session.transcript()
+            Path(rest.strip()).expanduser().write_text(json.dumps(messages, indent=2, ensure_ascii=False) + "\n")
+            err.write(f"(saved {len(messages)} messages to {rest.strip()})\n")
             continue
         if command.startswith("/"):
             err.write(f"unknown command {command}; {HELP}\n")
             continue
         out.write("assistant> " if tty else "")
+        session.stop.clear()
         try:
-            _, tokens, seconds = session.answer(line, stream=out)
-        except KeyboardInterrupt:
-            continue
+            with ctrl_c_stops(session):
+                answer = session.answer(line, stream=out)
         except UserError as e:
             err.write(f"error: {e}\n")
             continue
-        err.write(f"({tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s)\n")
+        err.write(f"({'stopped after ' if answer.stopped else ''}{answer.tokens} tokens, {speed(answer)})\n")
+
+
+def speed(answer: Answer) -> str:
+    return f"{answer.tokens / max(answer.seconds, 1e-9):.1f} tokens/s"

@@ -28,6 +28,12 @@ app = typer.Typer(
 SetOption = typer.Option(None, "--set", help="Override a recipe key, parsed as YAML: --set train.max_steps=20")
 OutputDirOption = typer.Option(None, "--output-dir", help="Overrides output_dir.")
 ResumeOption = typer.Option(False, "--resume", help="Continue the run in output_dir from its last checkpoint.")
+# the web pages (chat --web, annotate): loopback only unless asked, a password whenever others can reach them
+HostOption = typer.Option("127.0.0.1", "--host", help="Address to serve the page on; other than loopback needs --auth.")
+PortOption = typer.Option(7860, "--port", help="Port of the page.")
+ShareOption = typer.Option(False, "--share", help="Also publish a public gradio.live link (needs --auth).")
+AuthOption = typer.Option(None, "--auth", metavar="USER:PASS", help="Ask for this login (default: env LLAMA_FT_WEB_AUTH).")
+NoAuthOption = typer.Option(False, "--no-auth", help="Allow --share or a public --host without a password, on purpose.")
 ForceOption = typer.Option(False, "--force", help="Train even if `llama-ft plan` says the GPU has too little free memory.")
 
 
@@ -144,10 +150,25 @@ def chat(
     top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0),
     quantization: Optional[str] = typer.Option(None, "--quantization", help="4bit | 8bit | none (default: as trained)."),
     interactive: bool = typer.Option(False, "--interactive", help="Interactive even when stdin is not a terminal (one message per line)."),
+    web: bool = typer.Option(False, "--web", help="Serve the chat as a web page (pip install 'llama-ft[web]')."),
+    host: str = HostOption,
+    port: int = PortOption,
+    share: bool = ShareOption,
+    auth: Optional[str] = AuthOption,
+    no_auth: bool = NoAuthOption,
 ):
-    """Chat with a model in the Llama 2 chat format: interactive, or one-shot with --prompt (or piped text)."""
+    """Chat with a model in the Llama 2 chat format: interactive, one-shot with --prompt (or piped text), or --web."""
     if quantization not in (None, "4bit", "8bit", "none"):
         raise UserError(f"--quantization {quantization}: expected 4bit, 8bit or none")
+    if web:
+        if prompt is not None or interactive:
+            raise UserError("--web serves a page; --prompt and --interactive are for the terminal")
+        from ft import web as web_mod
+
+        web_mod.chat(model, adapter=str(adapter) if adapter else None, quantization=quantization, system=system,
+                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, host=host, port=port,
+                     share=share, auth=auth, no_auth=no_auth, block=True)
+        return
     if prompt is None and not interactive and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
@@ -189,6 +210,33 @@ def compare(
                              seed=seed, output=output, log=lambda m: typer.echo(m, err=True))
     typer.echo(compare_mod.table(result))
     typer.echo(f"\nwritten: {result['files']['result']}, {result['files']['rows']}", err=True)
+
+
+@app.command()
+def annotate(
+    model: str = typer.Argument(..., help="The model to collect preferences on (a run folder, merged folder or checkpoint)."),
+    output: Path = typer.Option(..., "--output", help="The JSONL file the rows are appended to (never truncated)."),
+    against: Optional[str] = typer.Option(None, "--against", help="A second model for the other answer."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="One temperature for both answers (0 = greedy)."),
+    temperatures: Optional[str] = typer.Option(None, "--temperatures", help="T1,T2: MODEL's (first) and the other answer's."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt of each dialog."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="4bit | 8bit | none (default: as trained)."),
+    host: str = HostOption,
+    port: int = PortOption,
+    share: bool = ShareOption,
+    auth: Optional[str] = AuthOption,
+    no_auth: bool = NoAuthOption,
+):
+    """Collect Llama 2-style preferences in a web page: two answers, A or B is better and by how much; rows for
+    `llama-ft reward` and `llama-ft dpo`."""
+    if quantization not in (None, "4bit", "8bit", "none"):
+        raise UserError(f"--quantization {quantization}: expected 4bit, 8bit or none")
+    from ft import web as web_mod
+
+    web_mod.annotate(model, output=output, against=against, temperature=temperature, temperatures=temperatures,
+                     system=system, max_new_tokens=max_new_tokens, quantization=quantization, host=host, port=port,
+                     share=share, auth=auth, no_auth=no_auth, block=True)
 
 
 @app.command()

@@ -179,10 +179,8 @@ def ctrl_c_stops(session: Session):
 
 def load(model: str, *, adapter: str | None = None, quantization: str | None = None):
     """(model, tokenizer) for a run folder, a merged folder, a checkpoint folder or a Hub id."""
-    from peft import PeftModel
-
     folder = Path(model).expanduser()
-    if folder.is_dir() and (folder / runs.RECIPE_FILE).is_file() and (folder / "adapter_config.json").is_file():
+    if runs.is_run(folder):
         recipe = runs.read_recipe(folder)  # a run: its base as trained, plus its adapter
         if recipe.stage == "reward":
             raise UserError(f"{model} is a reward model: score answers with `llama-ft score {model}`")
@@ -194,18 +192,15 @@ def load(model: str, *, adapter: str | None = None, quantization: str | None = N
     else:
         base_section = ModelSection(name=model, quantization="none")
         tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"--adapter {adapter}: no adapter_config.json there")
+    if adapter:
+        runs.adapter_config(adapter, "--adapter")  # refused before any weights are loaded
     if quantization:
         base_section = base_section.model_copy(update={"quantization": quantization})
     tokenizer = models.load_tokenizer(tokenizer_source, padding_side="left",
                                      trust_remote_code=base_section.trust_remote_code)
     net = models.load_model(base_section.model_copy(update={"adapter": None}))
     if adapter:
-        try:
-            net = PeftModel.from_pretrained(net, adapter)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"adapter {adapter} does not fit model {base_section.name!r}: {str(e).splitlines()[0][:300]}") from None
+        net = models.load_adapter(net, adapter, what="adapter")
     net.eval()
     return net, tokenizer
 

@@ -75,3 +75,13 @@ def test_run_stage_trains_the_tiny_recipe_from_python(tmp_path, tiny_dir):
     with pytest.raises(UserError, match="already finished"):
         ft.run_stage("sft", "recipes/tiny.yaml", output_dir=out, overrides=["train.max_steps=3", "train.report_to=none"],
                      resume=True, say=said.append)
+
+
+def test_every_command_is_documented_in_the_commands_page():
+    from conftest import ROOT
+
+    page = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for command in app.registered_commands:
+        assert f"| `llama-ft {command.name}" in page, f"docs/commands.md has no row for llama-ft {command.name}"
+        assert f"`llama-ft {command.name}" in readme, f"README.md's Commands table has no row for llama-ft {command.name}"

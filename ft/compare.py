@@ -309,7 +309,7 @@ def _judge_host(run: str):
     adapters to come beside an unused zero-initialised LoRA (a PeftModel to carry them; one copy of the base)."""
     section = reward_recipe(run).model.model_copy(update={"adapter": None})
     tokenizer = models.load_tokenizer(run, trust_remote_code=section.trust_remote_code)
-    model = models.attach_lora(models.load_model(section), models.lora_of_run(run), gradient_checkpointing=False)
+    model = models.attach_lora(models.load_model(section), runs.lora_shape(run), gradient_checkpointing=False)
     return model, tokenizer, section
 
 

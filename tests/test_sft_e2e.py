@@ -119,7 +119,7 @@ def test_bad_data_row_exits_2_before_any_training(tmp_path):
 def test_the_demo_task_is_learned_in_bfloat16_and_the_run_merges(tmp_path):
     """model.dtype: bfloat16 on the CPU runs the 16-bit frozen-weights path (embeddings, head, norms and the residual
     stream in bfloat16; LoRA, logits and loss float32): recipes/tiny.yaml still reaches 8/8 taught answers, and the
-    run merges with its logits verified. (~5 min on 2 shared cores.)"""
+    run merges with its logits verified. (~3 min on 2 CPU cores.)"""
     out = tmp_path / "run"
     result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "model.dtype=bfloat16", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -114,7 +114,8 @@ def test_frozen_weights_in_the_compute_dtype_give_two_gigabytes_back_on_a_t4():
     assert batch2.fits and not make(sets=["train.batch_size=2", "model.upcast_frozen=true"], advice=False).fits
     report = plan.render(new, recipe.load(CHAT), "chat.yaml")
     assert "frozen in float16 as loaded; model.upcast_frozen: true upcasts them to float32, 0.98" in report
-    assert "upcast to float32: model.upcast_frozen: true" in plan.render(old, recipe.load(CHAT, ["model.upcast_frozen=true"]), "x")
+    upcast = plan.render(old, recipe.load(CHAT, ["model.upcast_frozen=true"]), "chat.yaml")
+    assert "upcast to float32: model.upcast_frozen: true; false keeps them float16, 0.49" in upcast
 
 
 def test_the_report_is_fast_and_plan_imports_no_torch():

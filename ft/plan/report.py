@@ -58,8 +58,10 @@ def _frozen_line(s: Step, dtype: str) -> str:
         return "    (embeddings/head/norms in float32: the compute dtype)"
     other = weight_bytes(replace(s, upcast_frozen=not s.upcast_frozen))["unquantised"]
     if s.upcast_frozen:
-        return f"    (embeddings/head/norms upcast to float32: model.upcast_frozen: true; false keeps them {dtype}, {_g(other)})"
-    return f"    (embeddings/head/norms frozen in {dtype} as loaded; model.upcast_frozen: true upcasts them to float32, {_g(other)})"
+        return (f"    (embeddings/head/norms upcast to float32: model.upcast_frozen: true; false keeps them {dtype}, "
+                f"{_g(other)})")
+    return (f"    (embeddings/head/norms frozen in {dtype} as loaded; model.upcast_frozen: true upcasts them to "
+            f"float32, {_g(other)})")
 
 
 def render(plan: Plan, recipe: Recipe, label: str) -> str:

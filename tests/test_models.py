@@ -56,3 +56,40 @@ def test_hub_model_offline_is_a_user_error():
 def test_pad_token_is_unk_not_eos(tokenizer):
     assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.padding_side == "right"
+
+
+@pytest.mark.parametrize("upcast_frozen", [False, True])
+def test_bfloat16_training_keeps_the_frozen_weights_and_checkpoints_16_bit(tiny_dir, upcast_frozen):
+    """model.dtype: bfloat16 (the CPU stand-in for a GPU's 16-bit compute): the 4-bit base's embeddings, LM head and
+    norms stay bfloat16 and so does every gradient-checkpoint tensor (float32 with model.upcast_frozen: true);
+    LoRA weights, the logits and the loss are float32 either way, and the gradients reach every LoRA weight."""
+    frozen = torch.float32 if upcast_frozen else torch.bfloat16
+    base = models.load_model(TINY.model_copy(update={"dtype": "bfloat16"}))
+    model = models.attach_lora(base, LoraSection(r=4, alpha=8), gradient_checkpointing=True,
+                               upcast_frozen=upcast_frozen)
+    model.train()
+    params = dict(model.named_parameters())
+    assert model.get_input_embeddings().weight.dtype == model.get_output_embeddings().weight.dtype == frozen
+    norms = {p.dtype for n, p in params.items() if "norm" in n}
+    assert norms == {frozen}
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    assert all(not p.requires_grad for n, p in params.items() if "lora_" not in n)
+    config = model.config
+    ids = torch.randint(3, config.vocab_size, (2, 24))
+    hidden = []  # (dtype) of each saved (batch, tokens, hidden) tensor: the checkpoints and the final norm's input
+
+    def pack(t):
+        if tuple(t.shape) == (2, 24, config.hidden_size):
+            hidden.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == out.loss.dtype == torch.float32
+    # one checkpoint per decoder layer in the residual stream's dtype, and the final norm's float32 copy of its input
+    assert hidden.count(frozen) >= config.num_hidden_layers
+    assert set(hidden) <= {frozen, torch.float32}
+    if not upcast_frozen:
+        assert hidden.count(torch.bfloat16) == config.num_hidden_layers
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in params.items() if "lora_" in n)

@@ -81,21 +81,41 @@ def test_chat_recipe_finishes_in_one_colab_session_and_the_full_run_is_one_set_a
 
 
 def test_batch_16_does_not_fit_a_t4_and_the_advice_applied_with_set_fits():
+    # with the float32 upcast (the old default), where batch 1 is the only batch that fits 4,096 tokens on a T4
     result = run_cli("plan", "recipes/chat.yaml", "--gpu", "t4", "--set", "train.batch_size=16",
-                     "--set", "data.max_length=4096", "--json")
+                     "--set", "data.max_length=4096", "--set", "model.upcast_frozen=true", "--json")
     assert result.returncode == 3, result.stderr
     out = json.loads(result.stdout)
     assert out["fits"] is False and out["peak_bytes"] > out["gpu_bytes"]
     changes = [a for a in out["advice"] if a["set"]]
     assert changes and any("batch_size=1" in " ".join(a["set"]) for a in changes)
     for a in changes:  # every suggestion, applied with --set, fits with the peak it announced
-        p = make(sets=["train.batch_size=16", "data.max_length=4096", *a["set"]], advice=False)
+        p = make(sets=["train.batch_size=16", "data.max_length=4096", "model.upcast_frozen=true", *a["set"]],
+                 advice=False)
         assert p.fits and p.peak_bytes == a["peak_bytes"], a
     first = changes[0]["set"]
     args = [x for s in first for x in ("--set", s)]
-    again = run_cli("plan", "recipes/chat.yaml", "--gpu", "t4", "--set", "train.batch_size=16", *args)
+    again = run_cli("plan", "recipes/chat.yaml", "--gpu", "t4", "--set", "train.batch_size=16",
+                    "--set", "model.upcast_frozen=true", *args)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "fits" in again.stdout and "memory at the peak" in again.stdout and "hours" in again.stdout
+
+
+def test_frozen_weights_in_the_compute_dtype_give_two_gigabytes_back_on_a_t4():
+    """The default (model.upcast_frozen: false): the 7B weights are NF4 projections + 16-bit embeddings and head,
+    ~3.87 GB; the checkpoints are 2 bytes per hidden unit, half the upcast figure; the report says which applies."""
+    new, old = make(), make(sets=["model.upcast_frozen=true"])
+    assert new.step.residual_bytes == 2 and old.step.residual_bytes == 4
+    assert abs(new.breakdown["weights"] / GB - 3.87) < 0.01 and abs(old.breakdown["weights"] / GiB - 4.09) < 0.01
+    checkpoints = new.step.tokens * new.step.shape.layers * new.step.shape.hidden
+    assert old.breakdown["activations"] - new.breakdown["activations"] >= 2 * checkpoints
+    assert old.peak_bytes - new.peak_bytes > 2 * GB and new.peak_bytes < 9 * GiB < old.peak_bytes
+    batch2 = make(sets=["train.batch_size=2", "train.gradient_accumulation_steps=8"], advice=False)
+    assert batch2.fits and not make(sets=["train.batch_size=2", "model.upcast_frozen=true"], advice=False).fits
+    report = plan.render(new, recipe.load(CHAT), "chat.yaml")
+    assert "frozen in float16 as loaded; model.upcast_frozen: true upcasts them to float32, 0.98" in report
+    upcast = plan.render(old, recipe.load(CHAT, ["model.upcast_frozen=true"]), "chat.yaml")
+    assert "upcast to float32: model.upcast_frozen: true; false keeps them float16, 0.49" in upcast
 
 
 def test_the_report_is_fast_and_plan_imports_no_torch():
@@ -186,7 +206,7 @@ def test_training_stops_before_loading_when_the_gpu_is_too_small(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    loaded = recipe.load(CHAT, ["train.batch_size=4"])
+    loaded = recipe.load(CHAT, ["train.batch_size=4", "model.upcast_frozen=true"])  # the old figures: batch 1 fits
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (14 * GiB, 15 * GiB))
     with pytest.raises(UserError) as e:
         plan.check_before_training(loaded)
@@ -248,33 +268,36 @@ def test_the_memory_model_is_pure_arithmetic():
 # ---------------------------------------------------------------- activations: what autograd really saves
 
 
-def test_activation_count_matches_the_bytes_autograd_saves(tmp_path):
-    """A 2-layer Llama in 4-bit with LoRA on every projection, trained as llama-ft does it (prepare_model_for_kbit_
-    training, float32 LoRA, fp16 autocast), on the CPU: the bytes saved for backward in one decoder layer, and with
-    checkpointing in the whole stack, are what plan.layer_bytes says (CPU dropout keeps a float32 mask: 4 bytes)."""
+@pytest.mark.parametrize("dtype, upcast_frozen", [("float16", True), ("bfloat16", True), ("bfloat16", False)])
+def test_activation_count_matches_the_bytes_autograd_saves(tmp_path, dtype, upcast_frozen):
+    """A 2-layer Llama in 4-bit with LoRA on every projection, trained as llama-ft does it (ft.models: load_model with
+    model.dtype, attach_lora with model.upcast_frozen, float32 LoRA) under autocast in that dtype as on a GPU, on the
+    CPU: the bytes saved for backward in one decoder layer, and with checkpointing in the whole stack, are what
+    plan.layer_bytes says, for both settings (CPU dropout keeps a float32 mask: 4 bytes)."""
     torch = pytest.importorskip("torch")
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from ft import models
+    from ft.recipe import LoraSection, ModelSection
 
     config = LlamaConfig(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2,
                          num_hidden_layers=2, vocab_size=512, tie_word_embeddings=False)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.float16).save_pretrained(tmp_path)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_storage=torch.uint8)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float16,
-                                                 device_map={"": "cpu"}, attn_implementation="sdpa")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(plan.ALL_TARGETS)))
-    models.keep_lora_float32(model)
+    LlamaForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(tmp_path)
+    model = models.load_model(ModelSection(name=str(tmp_path), quantization="4bit", dtype=dtype))
+    model = models.attach_lora(model, LoraSection(r=8, alpha=16, dropout=0.05, target_modules=list(plan.ALL_TARGETS)),
+                               gradient_checkpointing=False, upcast_frozen=upcast_frozen)
     model.train()
+    embedding = model.get_input_embeddings().weight.dtype
+    assert embedding == (torch.float32 if upcast_frozen else getattr(torch, dtype))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     decoder = model.base_model.model.model
     seq = 128
     inputs = {"input_ids": torch.randint(3, 500, (1, seq)),
               "position_ids": torch.cat([torch.arange(seq // 2), torch.arange(seq // 2)]).unsqueeze(0)}
+
+    def autocast():
+        return torch.autocast("cpu", dtype=getattr(torch, dtype))
 
     def saved_bytes(run) -> int:
         seen = {}
@@ -285,20 +308,22 @@ def test_activation_count_matches_the_bytes_autograd_saves(tmp_path):
                 seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.float16):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
             run()
         return sum(seen.values())
 
     layer = decoder.layers[1]  # the second layer: its input needs a gradient, as every layer's does in training
     captured = {}
     layer.register_forward_pre_hook(lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True)
-    with torch.autocast("cpu", dtype=torch.float16):
+    with autocast():
         decoder(**inputs)
     measured = saved_bytes(lambda: layer(*captured["args"], **captured["kwargs"]))
     shape = plan.shape_from_config(config.to_dict(), "test")
-    step = plan.Step(shape=shape, sequences=1, length=seq, r=8, dropout=0.05, dropout_mask_bytes=4)
-    copies = 2 * shape.lora_params(plan.ALL_TARGETS, 8) // shape.layers  # autocast's fp16 copies of the LoRA weights
-    rotary = seq * 2 * 4 * (shape.hidden // shape.heads)  # cos and sin, shared by all layers (counted once by plan)
+    step = plan.Step(shape=shape, sequences=1, length=seq, r=8, dropout=0.05, dropout_mask_bytes=4,
+                     upcast_frozen=upcast_frozen)
+    assert step.residual_bytes == (4 if upcast_frozen else 2)
+    copies = 2 * shape.lora_params(plan.ALL_TARGETS, 8) // shape.layers  # autocast's 16-bit copies of the LoRA weights
+    rotary = seq * 2 * step.residual_bytes * (shape.hidden // shape.heads)  # cos and sin, shared (counted once by plan)
     assert measured == seq * plan.layer_bytes(step) + copies + rotary
 
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -6,18 +6,22 @@ It follows what the installed software keeps (transformers 5.24, PEFT 0.21, bits
 llama-ft drives them):
 
 * weights: NF4 + double quantisation is 4 + 8/64 + 32/(64*256) = 4.127 bits per quantised parameter (every
-  attention and MLP projection); the embeddings, the output head and the norms are not quantised, and llama-ft's
-  QLoRA path (peft's prepare_model_for_kbit_training) upcasts them to float32;
+  attention and MLP projection); the embeddings, the output head and the norms are not quantised: llama-ft freezes
+  them as loaded, in the compute dtype (ft/models.py freeze_quantized; Llama-2-7B: 3.11 GiB of NF4 projections +
+  0.49 GiB of 16-bit embeddings and head = 3.87 GB), or with `upcast_frozen` (model.upcast_frozen: true, peft's
+  prepare_model_for_kbit_training) in float32 (0.98 GiB: 4.09 GiB in all);
 * the LoRA adapter, its gradients and the optimiser state (by train.optim), all float32;
-* activations: what autograd saves per decoder layer and token. Because the norms and embeddings are float32,
-  the residual stream is float32 and so is every checkpoint (4 bytes x hidden per layer and token), and the
-  bitsandbytes layers return float32 too (their input dtype). `layer_bytes` holds the count; a test checks it
-  against the bytes autograd really saves on the CPU (tests/test_plan.py);
+* activations: what autograd saves per decoder layer and token. The residual stream has the embeddings' dtype:
+  the compute dtype by default, so every checkpoint is 2 bytes x hidden per layer and token; float32 with
+  `upcast_frozen` (4 bytes), and then the bitsandbytes layers return float32 too (their input dtype) and RoPE's
+  cos and sin are float32. `layer_bytes` holds the count; a test checks it against the bytes autograd really saves
+  on the CPU, for both settings (tests/test_plan.py);
 * the LM head and loss: TRL 1.16's trainers (SFT, DPO) never build the (tokens x 32,000) logits: a fused,
   chunked log-prob kernel projects 4,096 tokens at a time and recomputes the tiles in the backward pass
   (trl/trainer/utils.py add_fused_lm_head, trl/kernels/chunked_logprob.py). That replaces the ~10 bytes x
   32,000 per token that transformers' own loss costs (logits upcast to float32, log-softmax saved, its
-  gradient: transformers/loss/loss_utils.py ForCausalLMLoss);
+  gradient: transformers/loss/loss_utils.py ForCausalLMLoss). Where the logits are built (transformers' loss, PPO),
+  they are float32 with either setting (ft/models.py float32_outputs);
 * dequantisation buffers (bitsandbytes dequantises a whole weight for a matmul over more than 1,536 rows),
   the caching allocator's slack and the CUDA context;
 * for generation, the KV cache of one sampling batch; for PPO, every adapter on the shared base.
@@ -99,7 +103,8 @@ class Step:
     length: int = 4096  # tokens per sequence
     quantization: str = "4bit"  # 4bit | 8bit | none: how the projections are stored
     compute_bytes: int = 2  # bytes per value of the compute dtype: 2 for fp16/bf16 autocast, 4 for float32
-    upcast_frozen: bool = True  # embeddings, head and norms in float32 (peft's prepare_model_for_kbit_training)
+    upcast_frozen: bool = True  # a quantised base's embeddings, head and norms in float32 (model.upcast_frozen: true,
+    # peft's prepare_model_for_kbit_training); False: in the compute dtype (llama-ft's default, Context.step)
     targets: tuple = ALL_TARGETS
     r: int = 16
     dropout: float = 0.05
@@ -122,7 +127,7 @@ class Step:
 
     @property
     def residual_bytes(self) -> int:
-        """Bytes per value of the residual stream: float32 when the embeddings and norms are (llama-ft's QLoRA path)."""
+        """Bytes per value of the residual stream: the embeddings' dtype (float32 when upcast, else the compute dtype)."""
         return 4 if self.upcast_frozen or self.compute_bytes == 4 else 2
 
     @property
@@ -199,8 +204,11 @@ def layer_bytes(s: Step) -> int:
     nothing (bitsandbytes 0.50 saves only the packed weight), unless `bnb_saves_input` (older bitsandbytes).
     """
     m, c, o, r = s.shape, s.compute_bytes, s.linear_out_bytes, s.residual_bytes
-    h, i, kv = m.hidden, m.intermediate, m.kv_dim
-    total = 2 * (4 * h + 4)  # the two norms
+    h, i = m.hidden, m.intermediate
+    # Grouped heads under a mask: transformers' SDPA path repeats k and v to every query head (repeat_kv); SDPA keeps
+    # those copies unless autocast makes its own compact compute-dtype copies (float32 k and v: upcast_frozen)
+    kv = m.q_dim if s.masked and not (s.autocast and o != c) else m.kv_dim
+    total = 2 * (4 * h + 4)  # the two norms (a float32 copy of their input either way: Llama's RMSNorm)
     total += c * (m.q_dim + kv + kv + m.q_dim) + 4 * m.heads  # q, k, v, attention output; log-sum-exp
     total += 3 * o * i  # gate output, SiLU output, up output
     if s.bnb_saves_input:
@@ -226,18 +234,21 @@ def backward_buffer_bytes(s: Step) -> int:
 
 
 def rotary_bytes(s: Step) -> int:
-    """Bytes of RoPE's cos and sin (float32, one value per token and half head dimension each), shared by every layer."""
-    return s.tokens * 2 * 4 * (s.shape.q_dim // s.shape.heads)
+    """Bytes of RoPE's cos and sin (in the residual stream's dtype, one value per token and head dimension each),
+    shared by every layer."""
+    return s.tokens * 2 * s.residual_bytes * (s.shape.q_dim // s.shape.heads)
 
 
 def head_bytes(s: Step) -> tuple[int, int]:
     """Bytes of the output head and the loss: (saved for the backward pass, transient at the peak)."""
     m, T, c = s.shape, s.tokens, s.compute_bytes
     V, h = m.vocab, m.hidden
-    if s.head == "fused":  # TRL 1.16: [4096 x V] tiles, the head weight cast once, float32 hidden and its gradient
+    if s.head == "fused":  # TRL 1.16: [4096 x V] tiles, the head weight cast once (a float32 head), the final
+        # hidden states (residual dtype) and their gradient; the tiles' log-sum-exp statistics are float32
         tile = min(T, FUSED_HEAD_TOKENS) * (V * c + h * c)
         cast = V * h * c if (s.upcast_frozen and c < 4) else 0
-        return (T * 4 * h if s.train else 0), tile + cast + (T * 4 * h if s.train else 0)
+        hidden = T * s.residual_bytes * h if s.train else 0
+        return hidden, tile + cast + hidden
     if s.head == "full":  # transformers' ForCausalLMLoss: logits.float(), log-softmax kept, then its gradient
         return (T * 4 * V if s.train else 0), T * (6 if s.train else c + 4) * V
     if s.head == "chunked16":  # LitGPT 2023: chunked cross-entropy on 16-bit logits, no upcast

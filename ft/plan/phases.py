@@ -63,6 +63,12 @@ class Context:
     def compute_bytes(self) -> int:
         return 4 if self.recipe.model.dtype == "float32" else 2
 
+    @property
+    def upcast_frozen(self) -> bool:
+        """Whether training upcasts a quantised base's embeddings, head and norms to float32 (model.upcast_frozen);
+        by default they stay in the compute dtype (ft/models.py attach_lora)."""
+        return self.recipe.model.quantization in ("4bit", "8bit") and self.recipe.model.upcast_frozen
+
     @cached_property
     def lora(self) -> tuple[tuple, int]:
         """(targets, rank) of the adapter being trained: the starting run's adapter if it is on disk, else lora:."""
@@ -75,7 +81,7 @@ class Context:
         targets, r = self.lora
         t, q = self.recipe.train, self.recipe.model.quantization
         base = Step(shape=self.shape, sequences=t.batch_size, length=self.recipe.data.max_length, quantization=q,
-                    compute_bytes=self.compute_bytes, upcast_frozen=q in ("4bit", "8bit"), targets=targets, r=r,
+                    compute_bytes=self.compute_bytes, upcast_frozen=self.upcast_frozen, targets=targets, r=r,
                     dropout=self.recipe.lora.dropout, optim=t.optim, checkpointing=t.gradient_checkpointing)
         return replace(base, **changes)
 
@@ -251,7 +257,7 @@ def phases_ppo(ctx: Context) -> list[Phase]:
     trainable = 2 if value else 1
     length = r.data.max_length + new
     phases = [_sampling_phase(ctx, "sample", gen_batch * samples, r.data.max_length, new, adapters=adapters,
-                              base_upcast=True)]
+                              base_upcast=ctx.upcast_frozen)]  # one base, prepared for training, samples too
     step = ctx.step(length=length, masked=True, adapters=adapters, trainable_adapters=trainable,
                     trainable_extra=ctx.shape.hidden if value else 0)
     terms = step_terms(step)

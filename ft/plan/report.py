@@ -3,7 +3,9 @@ and the time."""
 
 from __future__ import annotations
 
-from ft.plan.memory import ALLOCATOR_SLACK, GiB, finish, weight_bytes
+from dataclasses import replace
+
+from ft.plan.memory import ALLOCATOR_SLACK, GiB, Step, finish, weight_bytes
 from ft.plan.planner import Plan
 from ft.plan.speed import flops_per_token
 from ft.recipe import Recipe, TrainSection
@@ -50,6 +52,18 @@ def _step_line(schedule: dict, train: TrainSection) -> str:
     return line
 
 
+def _frozen_line(s: Step, dtype: str) -> str:
+    """Why the embeddings, head and norms of a quantised base weigh what they do: which model.upcast_frozen applies."""
+    if s.compute_bytes == 4:
+        return "    (embeddings/head/norms in float32: the compute dtype)"
+    other = weight_bytes(replace(s, upcast_frozen=not s.upcast_frozen))["unquantised"]
+    if s.upcast_frozen:
+        return (f"    (embeddings/head/norms upcast to float32: model.upcast_frozen: true; false keeps them {dtype}, "
+                f"{_g(other)})")
+    return (f"    (embeddings/head/norms frozen in {dtype} as loaded; model.upcast_frozen: true upcasts them to "
+            f"float32, {_g(other)})")
+
+
 def render(plan: Plan, recipe: Recipe, label: str) -> str:
     """The report of `plan` (made from `recipe`), headed `label` (the recipe's path)."""
     p, g, s = plan.peak_phase, plan.gpu, plan.step
@@ -76,6 +90,8 @@ def render(plan: Plan, recipe: Recipe, label: str) -> str:
             continue
         name = TERM_LABELS.get(key, key) + (f" ({detail[key]})" if detail.get(key) else "")
         lines.append(f"  {name:<64} {_g(value):>6}")
+        if key == "weights" and s.quantised:
+            lines.append(_frozen_line(s, dtype))
     spare = g.memory - plan.peak_bytes
     verdict = f"fits, {spare / GiB:.1f} GiB to spare" if plan.fits else f"does NOT fit: {-spare / GiB:.1f} GiB short"
     lines.append(f"  {'peak':<64} {_g(plan.peak_bytes):>6}  of {g.memory / GiB:.1f} GiB: {verdict}")

@@ -1,7 +1,6 @@
 """Ghost Attention: instructions and checks, the training rows and their masks, sampling, and the behaviour."""
 
 import json
-import os
 import random
 
 import pytest
@@ -12,7 +11,7 @@ from ft.errors import UserError
 from ft.recipe import DataSource, GAttSection
 from ft.stages import gatt
 
-SLOW = pytest.mark.skipif(os.environ.get("LLAMA_FT_SLOW_TESTS") != "1", reason="slow (~3 min): set LLAMA_FT_SLOW_TESTS=1")
+SLOW = pytest.mark.slow  # ~3 min: LLAMA_FT_SLOW_TESTS=1 runs it (tests/conftest.py)
 YES = instructions.Instruction("Begin each answer with yes.", "Start: yes", ("starts_with:yes",))
 
 

@@ -46,7 +46,7 @@ def test_a_trained_run_beats_its_untrained_base_on_one_base_or_one_after_the_oth
     session = chat.Session(net, tokenizer, system=None, max_new_tokens=16, temperature=0, top_p=1)
     for i in (1, 13):
         session.turns = []
-        assert session.answer(rows[i]["prompt"][-1]["content"])[0] == rows[i]["answer_a"]
+        assert session.answer(rows[i]["prompt"][-1]["content"]).text == rows[i]["answer_a"]
 
     # the base as a checkpoint folder of its own: not shared, so A answers, is freed, then B; A answers the same
     elsewhere = tmp_path / "base-copy"

@@ -254,7 +254,7 @@ def ppo_run(trained_run, tmp_path_factory):
 
 
 # the adaptive beta on, with a short horizon so that it moves within 15 iterations of 16 answers
-CONTROLLER = ("ppo.kl_target=1.0", "ppo.kl_coef=0.05", "ppo.kl_horizon=50")
+CONTROLLER = ("ppo.kl_target=1.0", "ppo.kl_coef=0.01", "ppo.kl_horizon=50")
 
 
 def test_ppo_raises_a_rule_based_reward_with_bounded_kl(ppo_run):
@@ -298,7 +298,7 @@ def test_interrupted_ppo_resumes_at_an_iteration_boundary_to_the_same_result(ppo
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, out))
     assert a["history"] == b["history"] and b["resumed_from"]
     betas = [h["kl_coef"] for h in a["history"]]  # the controller's beta, restored from checkpoint-5 exactly
-    assert betas[0] == 0.05 and len(set(betas)) > 5 and a["kl_coef_final"] == b["kl_coef_final"] != betas[-1]
+    assert betas[0] == 0.01 and len(set(betas)) > 5 and a["kl_coef_final"] == b["kl_coef_final"] != betas[-1]
     from safetensors.torch import load_file
 
     for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"):

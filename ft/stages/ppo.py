@@ -199,7 +199,7 @@ def warnings(stats: dict, cfg, train, iteration: int, next_kl_coef: float, commo
                           f"ppo.kl_horizon ({cfg.kl_horizon}) so that beta adapts sooner."))
     elif cfg.kl_target is None and kl > KL_WARN_NATS:
         out.append(("kl", f"iteration {iteration}: the KL to the reference is {kl:.2f} nats per answer with a fixed "
-                          f"beta ppo.kl_coef {beta:g}: on a reward that can be gamed the answers drift off task within "
+                          f"beta ppo.kl_coef {cfg.kl_coef:g}: on a reward that can be gamed the answers drift off task within "
                           f"a few nats. Set ppo.kl_target (e.g. 1-2 nats) so that beta adapts to hold it, or raise "
                           f"ppo.kl_coef, or lower {lr}."))
     share = stats["same_answer_share"]

@@ -123,16 +123,16 @@ def test_runaway_kl_and_collapsed_answers_are_each_warned_once_with_the_numbers_
     ppo, _ = shared
     cfg = ppo.cfg.model_copy(update={"kl_target": 1.5})
     calm = {"kl": 2.0, "kl_coef": 0.02, "reward": 0.5, "same_answer_share": 2 / 8}
-    assert ppo_stage.warnings(calm, cfg, ppo.recipe.train, 3, 0.021, "Paris.") == []
-    [(kind, message)] = ppo_stage.warnings({**calm, "kl": 5.0}, cfg, ppo.recipe.train, 4, 0.021, "Paris.")
+    assert ppo_stage.runaway_warnings(calm, cfg, ppo.recipe.train, 3, 0.021, "Paris.") == []
+    [(kind, message)] = ppo_stage.runaway_warnings({**calm, "kl": 5.0}, cfg, ppo.recipe.train, 4, 0.021, "Paris.")
     assert kind == "kl" and "5.00 nats" in message and "3.3x ppo.kl_target 1.5" in message and "0.021" in message
     assert all(key in message for key in ("train.learning_rate", "ppo.kl_coef", "ppo.kl_horizon"))
     fixed = ppo.cfg.model_copy(update={"kl_target": None, "kl_coef": 0.01})
-    assert ppo_stage.warnings({**calm, "kl": 9.0}, fixed, ppo.recipe.train, 4, 0.01, "x") == []
-    [(kind, message)] = ppo_stage.warnings({**calm, "kl": 12.0}, fixed, ppo.recipe.train, 4, 0.01, "x")
+    assert ppo_stage.runaway_warnings({**calm, "kl": 9.0}, fixed, ppo.recipe.train, 4, 0.01, "x") == []
+    [(kind, message)] = ppo_stage.runaway_warnings({**calm, "kl": 12.0}, fixed, ppo.recipe.train, 4, 0.01, "x")
     assert kind == "kl" and "12.00 nats" in message and "fixed beta ppo.kl_coef 0.01" in message
     assert all(key in message for key in ("ppo.kl_target", "ppo.kl_coef", "train.learning_rate"))
-    [(kind, message)] = ppo_stage.warnings({**calm, "same_answer_share": 5 / 8}, cfg, ppo.recipe.train, 6, 0.02, "PARIS ROME")
+    [(kind, message)] = ppo_stage.runaway_warnings({**calm, "same_answer_share": 5 / 8}, cfg, ppo.recipe.train, 6, 0.02, "PARIS ROME")
     assert kind == "collapse" and "5 of 8 prompts got the same answer, 'PARIS ROME'" in message
     assert all(key in message for key in ("ppo.kl_target (1.5)", "ppo.kl_coef", "train.learning_rate"))
 

@@ -27,7 +27,7 @@ One iteration (train.max_steps of them):
     ppo.mini_batch_size answers (train.batch_size per forward pass), AdamW from train:, dropout off.
 A step with a non-finite loss or gradient is skipped and counted. When the KL to the reference runs past
 KL_WARN_FACTOR x ppo.kl_target (KL_WARN_NATS with a fixed beta) or one answer is given to most of an iteration's
-prompts, the log says so once per run, with the numbers and the keys to change (`warnings`). A checkpoint every train.save_steps
+prompts, the log says so once per run, with the numbers and the keys to change (`runaway_warnings`). A checkpoint every train.save_steps
 iterations; --resume continues at that iteration boundary, bit-exactly on the CPU (each iteration reseeds
 from train.seed + its number). The maths of 4 and 5 is in ft/rl.py, sampling in ft/sampling.py, the reward
 in ft/reward_model.py; this module is the loop (`fit`, one `PPO.iteration` after another) and what is
@@ -153,7 +153,7 @@ def fit(ppo: PPO, prompts: list[dict], state: dict, total: int, *, seed: int, af
 class AfterIteration:
     """What `run` does after each iteration, apart from the loop: the iteration's metrics to TensorBoard
     (train.report_to), the progress bar, a log line at the first and every train.logging_steps-th, each of
-    `warnings` the first time it applies (kept in state["warnings"], so once per run, resumed or not), and
+    `runaway_warnings` the first time it applies (kept in state["warnings"], so once per run, resumed or not), and
     checkpoint-N/ every train.save_steps (not after the last: the run's final save follows), and after a
     SIGINT/SIGTERM a checkpoint at this iteration boundary, then Interrupted (the CLI prints the --resume command)."""
 
@@ -173,7 +173,7 @@ class AfterIteration:
         if done == 1 or done % self.train.logging_steps == 0:
             self.log(f"iteration {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
         given = {w["kind"] for w in self.state["warnings"]}
-        for kind, message in warnings(stats, self.ppo.cfg, self.train, done, self.state["kl_coef"], self.ppo.common_answer):
+        for kind, message in runaway_warnings(stats, self.ppo.cfg, self.train, done, self.state["kl_coef"], self.ppo.common_answer):
             if kind not in given:
                 self.state["warnings"].append({"kind": kind, "iteration": done, "message": message})
                 self.log(f"warning: {message}")
@@ -184,7 +184,7 @@ class AfterIteration:
                 raise Interrupted(str(saved), self.stopper.signum)
 
 
-def warnings(stats: dict, cfg, train, iteration: int, next_kl_coef: float, common_answer: str) -> list[tuple[str, str]]:
+def runaway_warnings(stats: dict, cfg, train, iteration: int, next_kl_coef: float, common_answer: str) -> list[tuple[str, str]]:
     """(kind, message) for each sign in one iteration's metrics that PPO is running away from its reference:
     "kl", the KL per answer past KL_WARN_FACTOR x ppo.kl_target (past KL_WARN_NATS with a fixed beta); "collapse",
     one answer (`common_answer`) given to more than COLLAPSE_SHARE of the iteration's prompts. Each message has the

@@ -169,7 +169,20 @@ class PPOSection(Section):
         "(TRL's signature) instead of reward models."
     )
     safety_threshold: float = Field(0.15, ge=0, le=1, description="Use the safety score when sigmoid(safety) is below this.")
-    kl_coef: float = Field(0.01, ge=0, description="beta of the KL penalty to the reference (Llama 2: 0.01 for 7B/13B, 0.005 for 70B).")
+    kl_coef: float = Field(
+        0.01, ge=0, description="beta of the KL penalty to the reference (Llama 2: 0.01 for 7B/13B, 0.005 for 70B); "
+        "with ppo.kl_target, the beta the adaptive controller starts from. rloo, grpo: TRL's beta."
+    )
+    kl_target: float | None = Field(
+        None, gt=0, description="KL to the reference per answer (nats: log pi - log pi_ref summed over its tokens, "
+        "mean over the iteration's answers) that an adaptive beta holds (Ziegler et al. 2019); null: beta stays "
+        "ppo.kl_coef (Llama 2). ppo only: rloo and grpo refuse it (TRL's beta is fixed)."
+    )
+    kl_horizon: int = Field(
+        1000, gt=0, description="Answers over which the adaptive beta moves: after each iteration beta *= 1 + "
+        "clip(KL / kl_target - 1, -0.2, 0.2) x answers / kl_horizon (Ziegler et al. and TRL: 10000 answers with "
+        "512-answer batches; 1000 gives the same ~1% step per iteration at 64 answers)."
+    )
     batch_size: int = Field(64, gt=0, description="Prompts per iteration (Llama 2: 512).")
     samples_per_prompt: int | None = Field(
         None, gt=0, description="Answers per prompt in an iteration (default 1 for ppo, 4 for rloo and grpo)."

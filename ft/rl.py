@@ -7,7 +7,8 @@ No model, tokenizer or recipe here: tensors in, tensors out, each function's sha
 A `mask` (B, T) is 1 (True) on an answer's tokens, up to and including its </s>, and 0 after it: what sits under
 a 0 is ignored, and the rewards, advantages and returns are 0 there (the per-token losses are not masked: the loop
 masks them as it sums them). The KL coefficient is an argument (`per_token_rewards(...,
-kl_coef=...)`), so a controller that adapts it (Ziegler et al. 2019) only changes the value the loop passes in.
+kl_coef=...)`); `adaptive_kl_coef` is the controller that adapts it between iterations (Ziegler et al. 2019), so
+the loop only changes the value it passes in.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Rollout:
     parts: dict[str, list[float]]  # reward model name -> (B) its scores (one entry for a reward function)
     ended: list[bool]  # (B) whether the answer ended with </s> within ppo.max_new_tokens
     score: torch.Tensor  # (B,) float32: raw, whitened over the rollout (ppo.whiten_rewards), minus the penalty
+    texts: list[str] | None = None  # (B) the answers' text
     logp_old: torch.Tensor | None = None  # (B, T) float32: log pi(token) under the policy that sampled it
     logp_ref: torch.Tensor | None = None  # (B, T) float32: log pi_ref(token) under the frozen reference
     values: torch.Tensor | None = None  # (B, T) float32: V(prompt + answer[:t]), before the update
@@ -65,6 +67,20 @@ def per_token_rewards(score: torch.Tensor, logp: torch.Tensor, logp_ref: torch.T
     last = mask.sum(-1) - 1
     rewards[torch.arange(rewards.shape[0]), last.clamp(min=0)] += score
     return rewards * mask
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, answers: int, horizon: float) -> float:
+    """The KL coefficient beta for the next iteration, from this iteration's `kl` (per answer, in nats) and `answers`:
+    Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences", section 2.2; openai/lm-human-preferences'
+    and TRL's former `AdaptiveKLController`):
+
+        error = clip(kl / target - 1, -0.2, 0.2);   beta <- beta * (1 + error * answers / horizon)
+
+    A proportional controller: beta rises while the KL is above `target` and falls while below, by at most
+    1 + 0.2 * answers / horizon per iteration, so it can move by a factor e at most every 5 * horizon answers.
+    Plain float arithmetic (no torch), so a resumed run computes the very same beta."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * answers / horizon)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):

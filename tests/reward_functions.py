@@ -22,3 +22,9 @@ def correct(prompts, completions, **kwargs):
         words = completion.lower().replace(".", " ").split()
         out.append(1.0 if words and words[-1] == _TAUGHT.get(prompt[-1]["content"]) else 0.0)
     return out
+
+
+def capitals(prompts, completions, **kwargs):
+    """A reward that can be gamed: capitalised words score, whatever they say (+0.2 each; "Paris Paris Rome" beats
+    "The capital of France is Paris."), as a first reward model that never saw a wrong answer might."""
+    return [sum(w[:1].isupper() for w in c.split()) / 5 for c in completions]

@@ -69,6 +69,19 @@ def test_the_kl_penalty_is_on_every_answer_token_and_the_score_on_the_last():
                           torch.tensor([[0.0, 0.0, 2.0, 0.0]]))
 
 
+def test_the_adaptive_kl_controller_matches_the_hand_computed_update():
+    # beta 0.1, target 2 nats, 64 answers, horizon 1000: the proportional error is clipped to +-0.2
+    update = lambda kl: rl.adaptive_kl_coef(0.1, kl, target=2.0, answers=64, horizon=1000)
+    assert update(2.0) == 0.1  # on target: unchanged
+    assert math.isclose(update(2.2), 0.1 * (1 + 0.1 * 0.064))  # 10% over: +0.64%
+    assert math.isclose(update(3.0), 0.1 * (1 + 0.2 * 0.064)) and update(30.0) == update(3.0)  # clipped at +0.2
+    assert math.isclose(update(0.0), 0.1 * (1 - 0.2 * 0.064)) and update(-1.0) == update(0.0)  # clipped at -0.2
+    beta = 0.01  # held above target for 5 x horizon answers, beta grows by about e (exactly (1 + 0.2/64)^(5*64))
+    for _ in range(5 * 64):
+        beta = rl.adaptive_kl_coef(beta, 10.0, target=1.0, answers=1, horizon=64)
+    assert math.isclose(beta, 0.01 * (1 + 0.2 / 64) ** 320) and 2.6 < beta / 0.01 < 2.75
+
+
 def test_the_rl_maths_imports_only_torch_and_reward_training_not_the_sampler():
     code = ("import sys, ft.rl; assert not {'transformers', 'ft.models', 'ft.recipe'} & set(sys.modules), 'rl'; "
             "import ft.stages.reward, ft.reward_model; assert 'ft.sampling' not in sys.modules, 'reward'")
@@ -104,6 +117,37 @@ def shared(trained_run, reward_run):
 
 def snapshot(model, adapter):
     return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
+
+
+def test_runaway_kl_and_collapsed_answers_are_each_warned_once_with_the_numbers_and_keys(shared, tmp_path):
+    ppo, _ = shared
+    cfg = ppo.cfg.model_copy(update={"kl_target": 1.5})
+    calm = {"kl": 2.0, "kl_coef": 0.02, "reward": 0.5, "same_answer_share": 2 / 8}
+    assert ppo_stage.runaway_warnings(calm, cfg, ppo.recipe.train, 3, 0.021, "Paris.") == []
+    [(kind, message)] = ppo_stage.runaway_warnings({**calm, "kl": 5.0}, cfg, ppo.recipe.train, 4, 0.021, "Paris.")
+    assert kind == "kl" and "5.00 nats" in message and "3.3x ppo.kl_target 1.5" in message and "0.021" in message
+    assert all(key in message for key in ("train.learning_rate", "ppo.kl_coef", "ppo.kl_horizon"))
+    fixed = ppo.cfg.model_copy(update={"kl_target": None, "kl_coef": 0.01})
+    assert ppo_stage.runaway_warnings({**calm, "kl": 9.0}, fixed, ppo.recipe.train, 4, 0.01, "x") == []
+    [(kind, message)] = ppo_stage.runaway_warnings({**calm, "kl": 12.0}, fixed, ppo.recipe.train, 4, 0.01, "x")
+    assert kind == "kl" and "12.00 nats" in message and "fixed beta ppo.kl_coef 0.01" in message
+    assert all(key in message for key in ("ppo.kl_target", "ppo.kl_coef", "train.learning_rate"))
+    [(kind, message)] = ppo_stage.runaway_warnings({**calm, "same_answer_share": 5 / 8}, cfg, ppo.recipe.train, 6, 0.02, "PARIS ROME")
+    assert kind == "collapse" and "5 of 8 prompts got the same answer, 'PARIS ROME'" in message
+    assert all(key in message for key in ("ppo.kl_target (1.5)", "ppo.kl_coef", "train.learning_rate"))
+
+    # through the loop's after-iteration hook: said once per run (kept in the checkpointed state), both kinds
+    lines, state = [], {"iteration": 0, "history": [], "skipped_steps": 0, "kl_coef": 0.01, "warnings": []}
+    after = ppo_stage.AfterIteration(ppo, ppo.recipe, tmp_path, state, 100, None,
+                                     type("Stopper", (), {"signum": None})(), lines.append)
+    stats = dict(calm, kl=12.0, same_answer_share=6 / 8)
+    for _ in range(3):
+        state["iteration"] += 1
+        after(stats)
+    after.bar.close()
+    warned = [line for line in lines if line.startswith("warning: ")]
+    assert len(warned) == 2 and "the KL to the reference is 12.00 nats" in warned[0] and "6 of 8 prompts" in warned[1]
+    assert [(w["kind"], w["iteration"]) for w in state["warnings"]] == [("kl", 1), ("collapse", 1)]
 
 
 def test_adapters_switch_without_unfreezing_the_frozen_ones(shared):
@@ -204,9 +248,13 @@ def ppo_run(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo") / "run"
     result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
                      *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
-                                "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5"))
+                                "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5", *CONTROLLER))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
+
+
+# the adaptive beta on, with a short horizon so that it moves within 15 iterations of 16 answers
+CONTROLLER = ("ppo.kl_target=1.0", "ppo.kl_coef=0.01", "ppo.kl_horizon=50")
 
 
 def test_ppo_raises_a_rule_based_reward_with_bounded_kl(ppo_run):
@@ -235,7 +283,7 @@ def test_interrupted_ppo_resumes_at_an_iteration_boundary_to_the_same_result(ppo
     sft, _ = trained_run
     out = tmp_path / "run"
     flags = ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
-                      "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5")
+                      "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5", *CONTROLLER)
     process = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ppo", "recipes/ppo.yaml", "--output-dir", str(out),
                                 *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -249,6 +297,8 @@ def test_interrupted_ppo_resumes_at_an_iteration_boundary_to_the_same_result(ppo
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, out))
     assert a["history"] == b["history"] and b["resumed_from"]
+    betas = [h["kl_coef"] for h in a["history"]]  # the controller's beta, restored from checkpoint-5 exactly
+    assert betas[0] == 0.01 and len(set(betas)) > 5 and a["kl_coef_final"] == b["kl_coef_final"] != betas[-1]
     from safetensors.torch import load_file
 
     for name in ("adapter_model.safetensors", "value/adapter_model.safetensors", "value/value_head.safetensors"):
@@ -261,7 +311,7 @@ def test_grpo_runs_through_trl_with_the_same_reward_and_run_folder(trained_run, 
     out = tmp_path / "grpo"
     result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
                      *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
-                                "ppo.safety_model=null", "ppo.algorithm=grpo", "ppo.batch_size=4",
+                                "ppo.safety_model=null", "ppo.algorithm=grpo", "ppo.kl_target=null", "ppo.batch_size=4",
                                 "ppo.samples_per_prompt=2", "ppo.max_new_tokens=8", "train.max_steps=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -276,6 +326,8 @@ def test_grpo_runs_through_trl_with_the_same_reward_and_run_folder(trained_run, 
     (["ppo.algorithm=grpo", "ppo.samples_per_prompt=1"], "at least 2"),
     (["ppo.mini_batch_size=12"], "must divide"),
     (["train.gradient_accumulation_steps=4"], "leave train.gradient_accumulation_steps at 1"),
+    (["ppo.algorithm=rloo", "ppo.kl_target=2"], "TRL's rloo trainer has no such controller"),
+    (["ppo.kl_target=0"], "ppo.kl_target"),
 ])
 def test_bad_ppo_recipes_exit_2_before_anything_runs(sets, message, tmp_path):
     result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / "x", *(x for s in sets for x in ("--set", s)))
@@ -326,7 +378,8 @@ def learning_run(tmp_path, adapter, *sets):
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
 def test_correct_answers_rise_under_each_algorithm(half_trained, tmp_path, algorithm):
     first, last, history = learning_run(tmp_path / algorithm, half_trained, f"ppo.reward_function={FUNCTIONS}:correct",
-                                        "ppo.reward_models=[]", "ppo.safety_model=null", f"ppo.algorithm={algorithm}")
+                                        "ppo.reward_models=[]", "ppo.safety_model=null", f"ppo.algorithm={algorithm}",
+                                        *(("ppo.kl_target=null",) if algorithm != "ppo" else ()))
     assert last > first + 0.1, [round(h["reward"], 2) for h in history]
     assert max(h["kl"] for h in history) < 10
 
@@ -351,6 +404,49 @@ def test_a_reward_model_score_rises_and_the_kl_penalty_keeps_answers_on_task(hal
     answers = [a[0].text for a in generate(model, tokenizer, prompts, greedy=True, max_new_tokens=16, batch_size=16)]
     correct = load_reward_function(f"{FUNCTIONS}:correct")(prompts, answers)
     assert sum(correct) >= 12, answers  # still answering the questions it was taught
+
+
+def greedy_answers(run):
+    """The run's greedy answers to the 16 tiny prompts, and the prompts."""
+    from ft.recipe import LoraSection, ModelSection
+    from ft.sampling import generate
+
+    model = models.attach_lora(models.load_model(ModelSection(name="builtin:tiny-llama-2")), LoraSection(), adapter=str(run),
+                               gradient_checkpointing=False)
+    prompts = [[{"role": "user", "content": json.loads(line)["prompt"]}]
+               for line in (ROOT / "datasets" / "tiny_prompts.jsonl").read_text().splitlines()]
+    answers = generate(model, models.load_tokenizer(str(run)), prompts, greedy=True, max_new_tokens=16, batch_size=16)
+    return prompts, [a[0].text for a in answers]
+
+
+@pytest.mark.slow
+def test_the_adaptive_beta_holds_the_kl_near_its_target_on_a_gameable_reward_where_a_fixed_beta_drifts(trained_run, tmp_path):
+    """Capitalised words score whatever they say (reward_functions.capitals), learning rate 1e-4 (10x the recipe's):
+    the same start beta 0.05, fixed or adapting to a 2-nat target, 30 iterations of 16 prompts x 4 answers."""
+    from ft.reward_model import load_reward_function
+
+    sft, _ = trained_run
+    runs = {}
+    for name, sets in (("fixed", ["ppo.kl_target=null"]), ("adaptive", ["ppo.kl_target=2", "ppo.kl_horizon=64"])):
+        result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / name,
+                         *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:capitals", "ppo.reward_models=[]",
+                                    "ppo.safety_model=null", "ppo.samples_per_prompt=4", "ppo.mini_batch_size=16",
+                                    "train.max_steps=30", "train.learning_rate=1e-4", "ppo.kl_coef=0.05", *sets), timeout=1200)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        prompts, answers = greedy_answers(tmp_path / name)
+        runs[name] = metrics, sum(load_reward_function(f"{FUNCTIONS}:correct")(prompts, answers)), result.stdout
+        print(f"\n{name}: KL {[round(h['kl'], 2) for h in metrics['history']]}, beta "
+              f"{[round(h['kl_coef'], 4) for h in metrics['history']]}, greedy answers right {runs[name][1]}/16: {answers[-2:]}")
+    (fixed, fixed_right, _), (adaptive, adaptive_right, log) = runs["fixed"], runs["adaptive"]
+    last = lambda m: [h["kl"] for h in m["history"][-5:]]
+    assert max(last(adaptive)) < 1.5 * 2 and min(last(adaptive)) > 0.5 * 2, last(adaptive)  # near its 2-nat target
+    assert last(fixed)[-1] > 2.5 * 2 and sum(last(fixed)) > 1.5 * sum(last(adaptive)), last(fixed)  # drifting away
+    assert adaptive["kl_coef_final"] > 2 * 0.05 and all(h["kl_coef"] == 0.05 for h in fixed["history"])
+    assert adaptive_right >= 14 and adaptive_right > fixed_right  # still answering what it was taught
+    # on the way, the overshoot (beta first fell while the KL was below target) was warned about once, with the keys
+    warned = [line for line in log.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and "ppo.kl_target 2" in warned[0] and "train.learning_rate" in warned[0], warned
 
 
 def test_a_reward_model_trained_on_another_base_is_loaded_on_its_own_and_the_log_says_so(shared, reward_run, tmp_path):

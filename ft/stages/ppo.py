@@ -20,11 +20,14 @@ One iteration (train.max_steps of them):
     without </s>; or a Python reward function;
  3. old log-probs, reference log-probs and values with the training forward (fp32 log-softmax of logits /
     temperature), in the same micro-batches as the first training pass: iteration 0's ratio is exactly 1;
- 4. per-token reward -kl_coef * (log pi - log pi_ref), plus the score on the answer's last token; GAE with
-    ppo.gamma and ppo.lam, 0 after </s>; advantages whitened over the answer tokens;
+ 4. per-token reward -beta * (log pi - log pi_ref), plus the score on the answer's last token; GAE with
+    ppo.gamma and ppo.lam, 0 after </s>; advantages whitened over the answer tokens. beta is ppo.kl_coef, or with
+    ppo.kl_target it adapts after each iteration (rl.adaptive_kl_coef, kept in the checkpoint's state);
  5. ppo.epochs passes of clipped policy loss + ppo.vf_coef x clipped value loss, one optimiser step per
     ppo.mini_batch_size answers (train.batch_size per forward pass), AdamW from train:, dropout off.
-A step with a non-finite loss or gradient is skipped and counted. A checkpoint every train.save_steps
+A step with a non-finite loss or gradient is skipped and counted. When the KL to the reference runs past
+KL_WARN_FACTOR x ppo.kl_target (KL_WARN_NATS with a fixed beta) or one answer is given to most of an iteration's
+prompts, the log says so once per run, with the numbers and the keys to change (`runaway_warnings`). A checkpoint every train.save_steps
 iterations; --resume continues at that iteration boundary, bit-exactly on the CPU (each iteration reseeds
 from train.seed + its number). The maths of 4 and 5 is in ft/rl.py, sampling in ft/sampling.py, the reward
 in ft/reward_model.py; this module is the loop (`fit`, one `PPO.iteration` after another) and what is
@@ -54,6 +57,9 @@ from ft.stages import common
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 STEP_STATISTICS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "ratio", "entropy")  # per token, per step
+KL_WARN_FACTOR = 3.0  # with ppo.kl_target: warn when the KL per answer passes this many times the target
+KL_WARN_NATS = 10.0  # with a fixed beta: warn past this KL per answer (gameable rewards are hacked within a few nats)
+COLLAPSE_SHARE = 0.5  # warn when one answer text is given to more than this share of an iteration's prompts (>= 3 of them)
 
 
 def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
@@ -73,6 +79,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
 
     # 2. the iterations, from a checkpoint if resuming
     state = ppo.load(Path(checkpoint)) if checkpoint else {"iteration": 0, "history": [], "skipped_steps": 0}
+    state.setdefault("kl_coef", cfg.kl_coef)  # beta for the next iteration (a checkpoint of before ppo.kl_target: fixed)
+    state.setdefault("warnings", [])
     writer = tensorboard(recipe, out)
     eval_start = state.get("eval_start")
     if eval_prompts and checkpoint is None:
@@ -100,8 +108,11 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "reward_first": history[0]["reward"] if history else None,
         "reward_last": history[-1]["reward"] if history else None,
         "kl_last": history[-1]["kl"] if history else None,
+        "kl_target": cfg.kl_target,
+        "kl_coef_final": state["kl_coef"],  # beta after the last update (= ppo.kl_coef without ppo.kl_target)
         "history": history,
         "skipped_steps": state["skipped_steps"],
+        "warnings": state["warnings"],
         "reward_sources": ppo.rewards.names,
         "value_init": ppo.value_init,
         "resumed_from": checkpoint,
@@ -122,20 +133,27 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
 def fit(ppo: PPO, prompts: list[dict], state: dict, total: int, *, seed: int, after_iteration) -> None:
     """Iterations state["iteration"] .. total - 1, each on its slice of the prompts (`prompt_indices`) and reseeded
     from seed + its number first, so that a resumed run samples the same rollouts; `state` (what a checkpoint
-    saves) counts the iterations and skipped steps and keeps each iteration's metrics; `after_iteration(metrics)`
+    saves) counts the iterations and skipped steps, keeps each iteration's metrics and beta for the next
+    iteration (state["kl_coef"], adapted after each iteration when ppo.kl_target is set); `after_iteration(metrics)`
     is called after each (progress, logging, checkpoints: `run`'s)."""
+    cfg = ppo.cfg
     for iteration in range(state["iteration"], total):
         set_seed(seed + iteration)
-        stats = ppo.iteration([prompts[i] for i in prompt_indices(iteration, ppo.cfg.batch_size, len(prompts), seed)])
+        stats = ppo.iteration([prompts[i] for i in prompt_indices(iteration, cfg.batch_size, len(prompts), seed)],
+                              kl_coef=state["kl_coef"])
         state["skipped_steps"] += stats.pop("skipped_steps")
         state["history"].append({"iteration": iteration + 1, **stats})
         state["iteration"] = iteration + 1
+        if cfg.kl_target is not None:  # the KL the controller holds: per answer, as stats["kl"] and metrics' kl_last
+            state["kl_coef"] = rl.adaptive_kl_coef(state["kl_coef"], stats["kl"], cfg.kl_target,
+                                                   cfg.batch_size * cfg.samples_per_prompt, cfg.kl_horizon)
         after_iteration(stats)
 
 
 class AfterIteration:
     """What `run` does after each iteration, apart from the loop: the iteration's metrics to TensorBoard
-    (train.report_to), the progress bar, a log line at the first and every train.logging_steps-th, and
+    (train.report_to), the progress bar, a log line at the first and every train.logging_steps-th, each of
+    `runaway_warnings` the first time it applies (kept in state["warnings"], so once per run, resumed or not), and
     checkpoint-N/ every train.save_steps (not after the last: the run's final save follows), and after a
     SIGINT/SIGTERM a checkpoint at this iteration boundary, then Interrupted (the CLI prints the --resume command)."""
 
@@ -150,14 +168,50 @@ class AfterIteration:
             if self.writer is not None:
                 self.writer.add_scalar(f"ppo/{key}", value, done)
         self.bar.update(1)
-        self.bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}", refresh=False)
+        self.bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}", beta=f"{stats['kl_coef']:.4g}",
+                             refresh=False)
         if done == 1 or done % self.train.logging_steps == 0:
             self.log(f"iteration {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+        given = {w["kind"] for w in self.state["warnings"]}
+        for kind, message in runaway_warnings(stats, self.ppo.cfg, self.train, done, self.state["kl_coef"], self.ppo.common_answer):
+            if kind not in given:
+                self.state["warnings"].append({"kind": kind, "iteration": done, "message": message})
+                self.log(f"warning: {message}")
         if self.stopper.signum is not None or (done != self.total and done % self.train.save_steps == 0):
             saved = self.ppo.save_checkpoint(self.out, self.state)
             if self.stopper.signum is not None:
                 self.bar.close()
                 raise Interrupted(str(saved), self.stopper.signum)
+
+
+def runaway_warnings(stats: dict, cfg, train, iteration: int, next_kl_coef: float, common_answer: str) -> list[tuple[str, str]]:
+    """(kind, message) for each sign in one iteration's metrics that PPO is running away from its reference:
+    "kl", the KL per answer past KL_WARN_FACTOR x ppo.kl_target (past KL_WARN_NATS with a fixed beta); "collapse",
+    one answer (`common_answer`) given to more than COLLAPSE_SHARE of the iteration's prompts. Each message has the
+    numbers and the recipe keys to change."""
+    out, kl, beta = [], stats["kl"], stats["kl_coef"]
+    lr = f"train.learning_rate ({train.learning_rate:g})"
+    if cfg.kl_target is not None and kl > KL_WARN_FACTOR * cfg.kl_target:
+        out.append(("kl", f"iteration {iteration}: the KL to the reference is {kl:.2f} nats per answer, "
+                          f"{kl / cfg.kl_target:.1f}x ppo.kl_target {cfg.kl_target:g}, and beta has only reached "
+                          f"{next_kl_coef:.4g} (from ppo.kl_coef {cfg.kl_coef:g}): the policy moves faster than the "
+                          f"controller follows. Lower {lr}, raise ppo.kl_coef (the starting beta) or lower "
+                          f"ppo.kl_horizon ({cfg.kl_horizon}) so that beta adapts sooner."))
+    elif cfg.kl_target is None and kl > KL_WARN_NATS:
+        out.append(("kl", f"iteration {iteration}: the KL to the reference is {kl:.2f} nats per answer with a fixed "
+                          f"beta ppo.kl_coef {cfg.kl_coef:g}: on a reward that can be gamed the answers drift off task within "
+                          f"a few nats. Set ppo.kl_target (e.g. 1-2 nats) so that beta adapts to hold it, or raise "
+                          f"ppo.kl_coef, or lower {lr}."))
+    share = stats["same_answer_share"]
+    prompts = cfg.batch_size
+    if share > COLLAPSE_SHARE and share * prompts >= 3:
+        out.append(("collapse", f"iteration {iteration}: {round(share * prompts)} of {prompts} prompts got the same "
+                                f"answer, {common_answer[:80]!r} (mean reward {stats['reward']:.3f}, KL {kl:.2f} nats, "
+                                f"beta {beta:.4g}): the policy has probably found a way to game the reward. Check the "
+                                f"reward source on such answers; hold the policy nearer its reference with a smaller "
+                                f"ppo.kl_target{f' ({cfg.kl_target:g})' if cfg.kl_target is not None else ''}, a larger "
+                                f"ppo.kl_coef ({cfg.kl_coef:g}) or a lower {lr}."))
+    return out
 
 
 def setup(recipe: Recipe, function=None, log=print):
@@ -210,6 +264,7 @@ class PPO:
                  total_iterations: int):
         self.model, self.value_head, self.tokenizer, self.rewards = model, value_head, tokenizer, rewards
         self.cfg, self.recipe = recipe.ppo, recipe
+        self.common_answer = ""  # the last iteration's most common answer text, for the collapse warning
         policy = [p for n, p in model.named_parameters() if ".default." in n]
         value = [p for n, p in model.named_parameters() if ".value." in n] + list(value_head.parameters())
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -229,11 +284,13 @@ class PPO:
 
     # ---- one iteration: rollout -> advantages -> ppo.epochs passes of updates -> metrics
 
-    def iteration(self, prompt_rows: list[dict]) -> dict:
+    def iteration(self, prompt_rows: list[dict], kl_coef: float | None = None) -> dict:
+        """One iteration with KL coefficient `kl_coef` (ppo.kl_coef by default); its metrics."""
         cfg = self.cfg
+        kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
         rollout = self.collect(prompt_rows)
         order = [torch.randperm(rollout.n) for _ in range(cfg.epochs)]
-        self.score(rollout, order[0])
+        self.score(rollout, order[0], kl_coef)
         steps, skipped = [], 0
         self.model.train()
         for epoch in range(cfg.epochs):
@@ -244,7 +301,8 @@ class PPO:
                 else:
                     steps.append(step)
         learning_rate = self.scheduler.get_last_lr()[0]
-        return {**self.metrics(rollout, steps), "learning_rate": learning_rate, "skipped_steps": skipped}
+        return {**self.metrics(rollout, steps), "kl_coef": kl_coef, "learning_rate": learning_rate,
+                "skipped_steps": skipped}
 
     def collect(self, prompt_rows: list[dict]) -> Rollout:
         """Sample answers, score them, and lay them out as [left-padded prompt | right-padded answer] rows."""
@@ -271,10 +329,11 @@ class PPO:
         device = self.model.device
         return Rollout(input_ids=input_ids.to(device), attention_mask=attention.to(device), prompt_width=width_p,
                        mask=attention[:, width_p:].bool().to(device), raw=raw, parts=parts, ended=ended,
-                       score=score.to(device))
+                       score=score.to(device), texts=[c.text for _, c in rows])
 
-    def score(self, rollout: Rollout, first_order: torch.Tensor) -> None:
-        """Old and reference log-probs, values, per-token rewards, advantages and returns of a rollout (set on it)."""
+    def score(self, rollout: Rollout, first_order: torch.Tensor, kl_coef: float | None = None) -> None:
+        """Old and reference log-probs, values, per-token rewards (KL coefficient `kl_coef`, ppo.kl_coef by default),
+        advantages and returns of a rollout (set on it)."""
         cfg, mask = self.cfg, rollout.mask
         logp_old, logp_ref, values = (torch.zeros(mask.shape, device=mask.device) for _ in range(3))
         self.model.train()  # the training forward (dropout is off): the first update sees ratio 1 exactly
@@ -290,7 +349,7 @@ class PPO:
                     values[rows] = self.values(rollout, rows)
         rollout.logp_old, rollout.logp_ref, rollout.values = (t * mask for t in (logp_old, logp_ref, values))
         rollout.token_rewards = rl.per_token_rewards(rollout.score, rollout.logp_old, rollout.logp_ref, mask,
-                                                     kl_coef=cfg.kl_coef)
+                                                     kl_coef=cfg.kl_coef if kl_coef is None else kl_coef)
         advantages, rollout.returns = rl.gae(rollout.token_rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         rollout.advantages = rl.whiten(advantages, mask)
 
@@ -328,10 +387,16 @@ class PPO:
         return stats
 
     def metrics(self, rollout: Rollout, steps: list[dict]) -> dict:
-        """What an iteration reports: the rollout's rewards, KL and lengths, and the mean of its steps' statistics."""
+        """What an iteration reports: the rollout's rewards, KL and lengths, the share of its prompts given its most
+        common answer (that answer's text in self.common_answer), and the mean of its steps' statistics."""
         mean = lambda key: sum(s[key] for s in steps) / len(steps) if steps else float("nan")
         mask, parts = rollout.mask, rollout.parts
         kl = rl.kl_estimates(rollout.logp_old, rollout.logp_ref, mask)
+        per_prompt = self.cfg.samples_per_prompt  # collect's rows are prompt-major
+        prompts_by_text: dict[str, set[int]] = {}
+        for i, text in enumerate(rollout.texts):
+            prompts_by_text.setdefault(text.strip(), set()).add(i // per_prompt)
+        self.common_answer, given = max(prompts_by_text.items(), key=lambda item: len(item[1]))
         return {
             "reward": sum(rollout.raw) / len(rollout.raw),
             **{f"reward_{name}": sum(v) / len(v) for name, v in parts.items() if len(parts) > 1},
@@ -342,6 +407,7 @@ class PPO:
             "explained_variance": rl.explained_variance(rollout.values, rollout.returns, mask),
             "answer_length": mask.sum(-1).float().mean().item(),
             "missing_eos_rate": 1 - sum(rollout.ended) / rollout.n,
+            "same_answer_share": len(given) / math.ceil(rollout.n / per_prompt),
         }
 
     # ---- forward passes

@@ -4,7 +4,8 @@ as PPO (ft/stages/ppo.py's `run` dispatches here; `load_policy` is the common st
 TRL samples ppo.samples_per_prompt answers per prompt and compares their rewards within each prompt's group, with
 no value model. One iteration is ppo.batch_size prompts, so train.max_steps iterations are max_steps x
 (ppo.epochs x answers / ppo.mini_batch_size) optimiser steps, and train.save_steps / train.logging_steps are
-counted in iterations, as for PPO.
+counted in iterations, as for PPO. The KL term is TRL's, with a fixed `beta` = ppo.kl_coef: TRL's RLOO/GRPO
+trainers have no adaptive controller, so ppo.kl_target is refused here rather than dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from ft import memory_use, models, reward_model, runs
+from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import common
 from ft.stages.ppo import iterations, load_policy
@@ -43,6 +45,10 @@ def run(recipe: Recipe, function, *, resume: bool, log=print) -> dict:
     """ppo.algorithm rloo or grpo: TRL's trainer on the same base, adapters, prompts and reward (`function`, the
     loaded ppo.reward_function, or None for the reward models)."""
     cfg, t = recipe.ppo, recipe.train
+    if cfg.kl_target is not None:  # refused, not ignored: the run would hold no KL budget although the recipe asks
+        raise UserError(f"ppo.kl_target adapts PPO's beta; TRL's {cfg.algorithm} trainer has no such controller, only "
+                        f"a fixed beta (ppo.kl_coef, passed as TRL's `beta`): set ppo.kl_target: null (--set "
+                        f"ppo.kl_target=null) and ppo.kl_coef to the beta you want, or ppo.algorithm: ppo")
     out, checkpoint = runs.prepare(recipe, resume=resume)
     set_seed(t.seed)
     log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from ft import models, reward_model, rl
 from ft.stages import ppo as ppo_stage
 
 FUNCTIONS = ROOT / "tests" / "reward_functions.py"
-SLOW = pytest.mark.skipif(os.environ.get("LLAMA_FT_SLOW_TESTS") != "1", reason="slow (~1 min): set LLAMA_FT_SLOW_TESTS=1")
+SLOW = pytest.mark.slow  # ~1 min each: LLAMA_FT_SLOW_TESTS=1 runs them (tests/conftest.py)
 
 
 def ppo_flags(adapter, *extra):

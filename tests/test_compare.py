@@ -90,6 +90,7 @@ def test_a_tiny_reward_model_judges_with_the_scores_llama_ft_score_gives(trained
     assert result["win"] > result["loss"]  # the taught answers are the ones the reward model was trained to prefer
 
 
+@pytest.mark.slow  # ~25 s; a judge on the policy's base and on a separate base folder stay in the default suite
 def test_reward_models_on_a_base_neither_side_shares_score_on_that_base(reward_run, tiny_dir, tmp_path):
     elsewhere = shutil.copytree(tiny_dir, tmp_path / "base-copy")
     prompts = write_jsonl(tmp_path / "p.jsonl", [json.loads(x) for x in PROMPTS.read_text().splitlines()[:4]])

@@ -120,6 +120,7 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # ~75 s; 2-process training, its run folder and the batch equivalence stay in the default suite
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_equals_the_uninterrupted_run(two_process_run, tmp_path):
     full, _ = two_process_run
     out = tmp_path / "run"

@@ -22,6 +22,7 @@ from conftest import ROOT
 NOTEBOOK = ROOT / "notebooks" / "colab_t4.ipynb"
 
 
+@pytest.mark.slow  # ~80 s; every command the notebook runs is tested in the default suite on its own
 def test_colab_notebook_runs_with_the_tiny_recipe(trained_run, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

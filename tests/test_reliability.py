@@ -117,6 +117,7 @@ def test_an_incomplete_checkpoint_is_skipped_on_resume(tmp_path):
     assert not (tmp_path / "checkpoint-8").exists()
 
 
+@pytest.mark.slow  # ~75 s; the signal path stays in the default suite (test_sigterm_saves_a_checkpoint_like_ctrl_c) and so does bit-exact resuming (the kill -9 test)
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     out = tmp_path / "run"
     args = sft_args(out, "--set", "train.max_steps=40", "--set", "train.save_steps=1000")

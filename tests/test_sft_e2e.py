@@ -85,6 +85,7 @@ def test_rerun_into_a_finished_run_or_with_another_recipe_is_refused(run_dir):
     assert "Traceback" not in again.stderr + other.stderr
 
 
+@pytest.mark.slow  # ~45 s; resuming to the same adapter and losses stays in the default suite (test_reliability's kill -9 test)
 def test_resume_continues_from_the_last_checkpoint(run_dir, tmp_path):
     """A run cut off after checkpoint-80 (no final files yet) is finished by --resume."""
     crashed = tmp_path / "run"

@@ -32,21 +32,17 @@ class Stage:
     section: str | None = None  # its own recipe section (`reward:`, `ppo:`, ...), which only its recipes may have
     then_sft: str | None = None  # it samples data, then fine-tunes on it into output_dir/sft: what it writes first
     metric_keys: tuple[str, ...] = ()  # the keys of its metrics.json a model card shows, beyond the common ones
+    next_merge: bool = False  # its "done" line says the next step: `llama-ft merge` of the policy adapter
 
     @property
     def pushed_folder(self) -> str:
         """The folder under output_dir that output.push publishes ("" = output_dir itself)."""
         return "sft" if self.then_sft else ""
 
-    @property
-    def trains_adapter_to_merge(self) -> bool:
-        """Its output_dir holds a policy adapter `llama-ft merge` takes."""
-        return self.name in ("sft", "ppo")
-
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", "Supervised fine-tuning: train a LoRA adapter on chat data (loss on the answers only).",
-          data_kind="dialogs", multi_process=True, resumable=True,
+          data_kind="dialogs", multi_process=True, resumable=True, next_merge=True,
           metric_keys=("loss_first", "loss_last", "eval_loss", "supervised_tokens", "supervised_tokens_per_second")),
     Stage("reward", "Train a reward model on preference pairs (ranking loss with Llama 2's margin).",
           data_kind="pairs", multi_process=True, resumable=True, section="reward",
@@ -59,7 +55,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           then_sft="the best answers (samples.jsonl)"),
     Stage("ppo", "RLHF with PPO as in Llama 2-Chat (or RLOO / GRPO through TRL): policy, reference, value and reward "
                  "models on one 4-bit base.",
-          data_kind="prompts", multi_process=False, resumable=True, section="ppo",
+          data_kind="prompts", multi_process=False, resumable=True, section="ppo", next_merge=True,
           metric_keys=("algorithm", "iterations", "reward_first", "reward_last", "kl_last", "eval")),
     Stage("gatt", "Ghost Attention: dialogs answered with the instruction in every turn, trained with it in the system "
                   "message only.",
@@ -108,7 +104,7 @@ def run_stage(stage: str, recipe: str | Path, *, overrides: Sequence[str] = (), 
         raise UserError(f"llama-ft {stage} runs in one process (its models share one GPU); start it without torchrun or "
                         f"accelerate launch. Several processes: {several}")
     distributed.setup()  # before any model is loaded
-    if distributed.engine() in ("single", "ddp"):  # every GPU holds the whole model: one GPU's plan applies
+    if not distributed.is_sharded():  # every GPU holds the whole model: one GPU's plan applies
         plan_mod.check_before_training(loaded, force=force, skip=() if train else ("train",),
                                        log=lambda m: distributed.main_print(m, file=_stderr()))
     if loaded.output.push and distributed.is_main():  # find a missing token or a foreign repo now, not after a week
@@ -137,7 +133,7 @@ def run_stage(stage: str, recipe: str | Path, *, overrides: Sequence[str] = (), 
     from ft import evaluation
 
     evaluation.after_training(loaded, out, log=say)  # the recipe's eval: section, if any
-    if info.trains_adapter_to_merge:
+    if info.next_merge:
         say(f"\ndone: the adapter is in {out}\nnext: llama-ft merge {out} --output <dir>")
     elif info.then_sft:
         say(f"\ndone: {info.then_sft} in {out}" + (f", the adapter trained on them in {out}/sft" if train else ""))

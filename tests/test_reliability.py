@@ -257,3 +257,35 @@ def test_a_tampered_checkpoint_cannot_run_code_on_resume(tmp_path):
     assert result.returncode == 2 and "refused to load a file that holds more than tensors" in result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists()  # torch.load(weights_only=True) refused to build the object
+
+
+def test_a_dpo_run_after_an_sft_at_r64_resumes_and_its_card_says_r64(tmp_path, tiny_dir):
+    """lora: has one meaning: a run that continues model.adapter trains the adapter's saved shape, so the default
+    lora: (r=16) neither blocks --resume ("lora.r: 64 in checkpoint-N, 16 now") nor shows in the card; a lora: key set
+    against the saved shape is refused, naming both."""
+    import ft
+    from ft import hub, runs
+    from ft.errors import UserError
+
+    quick = ["train.logging_steps=1", "train.generate_samples=0", "train.report_to=none", "train.max_steps=2",
+             "train.save_steps=1"]
+    sft = ft.run_stage("sft", ROOT / "recipes" / "tiny.yaml", output_dir=tmp_path / "sft", say=lambda m: None,
+                       overrides=[*quick, "lora.r=64", "lora.alpha=128"])
+    dpo = ["model.name=builtin:tiny-llama-2", f"model.adapter={sft}", "data.train=datasets/tiny_dpo.jsonl",
+           "data.eval=null", "data.skip_invalid=false", "train.gradient_accumulation_steps=1",
+           "train.gradient_checkpointing=false", "train.batch_size=2", *quick]
+    out = ft.run_stage("dpo", ROOT / "recipes" / "dpo.yaml", output_dir=tmp_path / "dpo", overrides=dpo,
+                       say=lambda m: None)
+    assert runs.lora_shape(out).r == 64 and runs.read_recipe(out).lora.r == 64  # recipe.yaml records what was trained
+    # as a run killed after its first checkpoint leaves it: checkpoint-1, no final adapter, no metrics.json
+    shutil.rmtree(out / "checkpoint-2")
+    for name in ("metrics.json", "adapter_model.safetensors", "adapter_config.json"):
+        (out / name).unlink()
+    ft.run_stage("dpo", ROOT / "recipes" / "dpo.yaml", output_dir=out, overrides=dpo, resume=True, say=lambda m: None)
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
+    card = hub.model_card(out, "alice/tiny-dpo")
+    assert "LoRA r=64, alpha=128," in card and "r=16" not in card
+
+    with pytest.raises(UserError, match=r"lora\.r: 16 in the recipe, 64 in model\.adapter"):
+        ft.run_stage("dpo", ROOT / "recipes" / "dpo.yaml", output_dir=tmp_path / "dpo2", overrides=[*dpo, "lora.r=16"])
+    assert not (tmp_path / "dpo2").exists()

@@ -222,7 +222,7 @@ def setup(recipe: Recipe, function=None, log=print):
     if rm_adapter is not None:
         models.add_adapter(model, "value", copy_of=rm_adapter, trainable=True)
     else:
-        models.add_adapter(model, "value", lora=recipe.lora, trainable=True)
+        models.add_adapter(model, "value", lora=runs.trained_lora(recipe), trainable=True)
     value_head = torch.nn.Linear(model.config.hidden_size, 1, bias=False, device=model.device, dtype=torch.float32)
     with torch.no_grad():
         value_head.weight.copy_(rm_head if rm_head is not None else torch.zeros_like(value_head.weight))

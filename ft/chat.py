@@ -182,7 +182,7 @@ def load(model: str, *, adapter: str | None = None, quantization: str | None = N
     folder = Path(model).expanduser()
     if runs.is_run(folder):
         recipe = runs.read_recipe(folder)  # a run: its base as trained, plus its adapter
-        if recipe.stage == "reward":
+        if not runs.is_chat_model(recipe):
             raise UserError(f"{model} is a reward model: score answers with `llama-ft score {model}`")
         if adapter:
             raise UserError(f"{model} is a run folder with its own adapter; --adapter applies to a plain model")

@@ -68,8 +68,14 @@ def _stage_command(stage: Stage):
     return command
 
 
+def add_stage_command(stage: Stage) -> None:
+    """Add `llama-ft NAME` for a declared stage (every stage of the registry is added at import; a stage registered
+    later, as tests/test_stages.py's toy stage is, is added by calling this)."""
+    app.command(name=stage.name)(_stage_command(stage))
+
+
 for _stage in STAGES.values():
-    app.command(name=_stage.name)(_stage_command(_stage))
+    add_stage_command(_stage)
 
 
 @app.command()

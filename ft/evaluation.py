@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ft import llama2_paper, runs, shipped
 from ft.errors import UserError
+from ft.stages.registry import STAGES
 
 INSTALL = "pip install 'llama-ft[eval]'"
 CHAT_MODES = ("auto", "on", "off")
@@ -93,7 +94,7 @@ def describe(model: str, *, adapter: str | None = None, quantization: str | None
         recipe = runs.read_recipe(folder)
         return {"model": str(model), "kind": "run", "stage": recipe.stage, "base": recipe.model.name,
                 "adapter": str(folder), "quantization": quantization or recipe.model.quantization,
-                "chat_tuned": recipe.stage != "reward"}
+                "chat_tuned": runs.is_chat_model(recipe)}
     merge_report = runs.read_json(folder / "merge_report.json") if folder.is_dir() else {}
     if merge_report:
         return {"model": str(model), "kind": "merged", "stage": runs.read_recipe(folder).stage
@@ -346,7 +347,7 @@ def after_training(recipe, output_dir, log=print) -> dict | None:
     if section is None:
         return None
     out = Path(output_dir)
-    folder = out if runs.is_run(out) else out / "sft"  # rejection / gatt train into sft/
+    folder = out / STAGES[recipe.stage].pushed_folder  # rejection / gatt train into sft/
     if not runs.is_run(folder):
         log(f"eval: no trained adapter in {out}; nothing to evaluate")
         return None

@@ -98,7 +98,7 @@ def model_card(folder: Path, repo_id: str) -> str:
     datasets = sorted({s.path for r in lineage for s in r.data.train + (r.data.eval or []) if is_hub_id(s.path)})
     stages = [r.stage for r in lineage]
     gguf = sorted(p.name for p in folder.glob("*.gguf"))
-    reward = bool(recipe and recipe.stage == "reward")
+    reward = bool(recipe and not runs.is_chat_model(recipe))
 
     front = {
         "license": "llama2",

@@ -31,6 +31,7 @@ import yaml
 from ft import distributed
 from ft import recipe as recipe_mod
 from ft.errors import UserError
+from ft.stages.registry import STAGES
 
 RECIPE_FILE = "recipe.yaml"
 INPUTS_FILE = "inputs.json"
@@ -75,6 +76,11 @@ def lora_shape(folder: str | Path, what: str = "adapter") -> recipe_mod.LoraSect
                                   target_modules=sorted(set(saved["target_modules"])))
 
 
+def is_chat_model(recipe: recipe_mod.Recipe) -> bool:
+    """Whether a run of this recipe trains a chat model (chat, merge, compare and eval take it), not a scorer."""
+    return STAGES[recipe.stage].chat_model
+
+
 def trained_lora(recipe: recipe_mod.Recipe, *, missing_ok: bool = False) -> recipe_mod.LoraSection:
     """The LoRA shape this run trains, the one meaning of `lora:` that every reader uses (the resume check, the model
     card, PPO's value adapter, the planner): the saved adapter's shape when the run continues one (model.adapter),
@@ -102,8 +108,9 @@ def trained_lora(recipe: recipe_mod.Recipe, *, missing_ok: bool = False) -> reci
 
 
 def with_trained_lora(recipe: recipe_mod.Recipe) -> recipe_mod.Recipe:
-    """The recipe with lora: set to the shape it trains (what the run folder's recipe.yaml records)."""
-    lora = trained_lora(recipe)
+    """The recipe with lora: set to the shape it trains (what the run folder's recipe.yaml records). A model.adapter
+    not on disk is left to the stage's loading to name."""
+    lora = trained_lora(recipe, missing_ok=True)
     return recipe if lora is recipe.lora else recipe.model_copy(update={"lora": lora})
 
 

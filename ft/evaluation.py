@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ft import llama2_paper, runs, shipped
-from ft.errors import UserError
+from ft.errors import UserError, first_line
 from ft.stages.registry import STAGES
 
 INSTALL = "pip install 'llama-ft[eval]'"
@@ -48,8 +48,6 @@ def evaluate(model: str, tasks: list[str], *, include_path: str | None = None, n
     lm_eval = _lm_eval()
     if chat_template not in CHAT_MODES:
         raise UserError(f"--chat-template {chat_template}: expected auto, on or off")
-    if quantization not in (None, "4bit", "8bit", "none"):
-        raise UserError(f"--quantization {quantization}: expected 4bit, 8bit or none")
     lineage = describe(model, adapter=adapter, quantization=quantization)
     if base and lineage["adapter"] is None:
         raise UserError(f"--base compares the adapter with the base it was trained on; {model} has no adapter "
@@ -184,7 +182,7 @@ def load_tasks(tasks: list[str], *, include_path: str | None = None):
         except FileNotFoundError as e:
             raise UserError(f"task {name}: a data file is missing ({e})") from None
         except (KeyError, ValueError, TypeError) as e:
-            raise UserError(f"task {name}: lm-eval cannot build it ({type(e).__name__}: {str(e)[:300]})") from None
+            raise UserError(f"task {name}: lm-eval cannot build it ({type(e).__name__}: {first_line(e)})") from None
         loaded["tasks"].update(one["tasks"])
         loaded["groups"].update(one["groups"])
     children = {c for group in loaded["groups"].values() for c in group.child_names}
@@ -217,7 +215,7 @@ def _local_config(path: Path) -> dict:
     try:
         config = load_yaml(path, resolve_func=True)
     except Exception as e:  # yaml errors, bad includes, a !function that does not import
-        raise UserError(f"task file {path}: lm-eval cannot read it ({type(e).__name__}: {str(e)[:300]})") from None
+        raise UserError(f"task file {path}: lm-eval cannot read it ({type(e).__name__}: {first_line(e)})") from None
     files = (config.get("dataset_kwargs") or {}).get("data_files")
 
     def resolved(value):

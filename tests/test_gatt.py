@@ -159,6 +159,7 @@ def drifting_policy_data(path):
     return write_jsonl(path, rows)
 
 
+@pytest.mark.e2e
 @SLOW
 def test_gatt_makes_a_system_instruction_hold_at_turn_5_and_the_every_turn_control_does_not(tmp_path):
     policy = tmp_path / "policy"

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_cli
+from conftest import cli, ROOT, run_cli, TINY
 from ft import models, reward_model, rl
 from ft.stages import ppo as ppo_stage
 
@@ -273,7 +273,7 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(ppo_run):
 
     card = hub.model_card(out, "alice/tiny-ppo")
     assert "| 2 | ppo | `datasets/tiny_prompts.jsonl` | 15 | ppo: reward" in card
-    chat = run_cli("chat", out, "--prompt", "What is the capital of Peru?", "--temperature", "0", "--max-new-tokens", "12")
+    chat = cli("chat", out, "--prompt", "What is the capital of Peru?", "--temperature", "0", "--max-new-tokens", "12")
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
 
 
@@ -329,7 +329,7 @@ def test_grpo_runs_through_trl_with_the_same_reward_and_run_folder(trained_run, 
     (["ppo.kl_target=0"], "ppo.kl_target"),
 ])
 def test_bad_ppo_recipes_exit_2_before_anything_runs(sets, message, tmp_path):
-    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / "x", *(x for s in sets for x in ("--set", s)))
+    result = cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / "x", *(x for s in sets for x in ("--set", s)))
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "x").exists()  # refused before the run folder is made
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_cli, write_jsonl
+from conftest import cli, ROOT, run_cli, TINY, write_jsonl
 from ft import data
 from ft.errors import UserError
 from ft.recipe import DataSource
@@ -86,25 +86,25 @@ def test_reward_model_ranks_held_out_pairs(reward_run):
 
 
 def test_score_command_one_pair_and_jsonl(reward_run, tmp_path):
-    good = run_cli("score", reward_run, "--prompt", "What is the capital of India?", "--response", "The capital of India is Delhi.")
-    bad = run_cli("score", reward_run, "--prompt", "What is the capital of India?", "--response", "I do not know.")
+    good = cli("score", reward_run, "--prompt", "What is the capital of India?", "--response", "The capital of India is Delhi.")
+    bad = cli("score", reward_run, "--prompt", "What is the capital of India?", "--response", "I do not know.")
     assert good.returncode == bad.returncode == 0, good.stderr[-2000:]
     assert float(good.stdout) > float(bad.stdout)
     rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "What does a bee say?", "response": "Maybe."},
                                                {"prompt": "What does a bee say?", "response": "A bee says buzz."}])
-    result = run_cli("score", reward_run, "--input", rows, "--output", tmp_path / "out.jsonl")
+    result = cli("score", reward_run, "--input", rows, "--output", tmp_path / "out.jsonl")
     assert result.returncode == 0
     scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert scored[1]["score"] > scored[0]["score"] and scored[0]["response"] == "Maybe."
     for command in (["chat", reward_run, "--prompt", "hi"], ["merge", reward_run, "--output", tmp_path / "m"]):
-        wrong = run_cli(*command)
+        wrong = cli(*command)
         assert wrong.returncode == 2 and "reward model" in wrong.stderr and "Traceback" not in wrong.stderr
     bad_rows = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "A", "rejected": "A"}])
-    refused_rows = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", tmp_path / "r", *TINY,
+    refused_rows = cli("reward", "recipes/reward-helpful.yaml", "--output-dir", tmp_path / "r", *TINY,
                            "--set", f"data.train={bad_rows}", "--set", "data.eval=null")
     assert refused_rows.returncode == 2 and "pairs.jsonl line 1: chosen and rejected answers are identical" in refused_rows.stderr
     bad_input = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q"}])
-    refused = run_cli("score", reward_run, "--input", bad_input)
+    refused = cli("score", reward_run, "--input", bad_input)
     assert refused.returncode == 2 and "bad.jsonl line 1" in refused.stderr
 
 
@@ -211,6 +211,7 @@ def test_a_reward_model_continuing_an_sft_adapter_trains_and_saves_a_score_head(
     assert "base_model.model.score.weight" in load_file(str(sft.parent / "rm-from-sft" / "adapter_model.safetensors"))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_reward_model_learns_in_bfloat16(tmp_path):
     """The reward model with model.dtype: bfloat16 (16-bit frozen weights, the float32 score head fed float32)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import cli, ROOT, run_cli
 
 QUICK = ["--set", "train.logging_steps=1", "--set", "train.generate_samples=0", "--set", "train.report_to=none"]
 
@@ -57,6 +57,7 @@ def adapter(run):
     return load_file(str(run / "adapter_model.safetensors"))
 
 
+@pytest.mark.e2e
 def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_adapter_and_losses(tmp_path):
     steps = ["--set", "train.max_steps=12", "--set", "train.save_steps=4"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
@@ -117,6 +118,7 @@ def test_an_incomplete_checkpoint_is_skipped_on_resume(tmp_path):
     assert not (tmp_path / "checkpoint-8").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # ~75 s; the signal path stays in the default suite (test_sigterm_saves_a_checkpoint_like_ctrl_c) and so does bit-exact resuming (the kill -9 test)
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     out = tmp_path / "run"
@@ -142,6 +144,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     assert [s for s, _ in metrics["loss_history"]][:2] == [1, 2]  # the steps before the interrupt are kept
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):
     out = tmp_path / "run"
     proc = start_cli(*sft_args(out, "--set", "train.max_steps=400", "--set", "train.save_steps=1000"))
@@ -152,6 +155,7 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):
     assert [(c / "trainer_state.json").is_file() for c in out.glob("checkpoint-*")] == [True]
 
 
+@pytest.mark.e2e
 def test_a_second_ctrl_c_aborts_without_saving(tmp_path):
     out = tmp_path / "run"
     proc = start_cli(*sft_args(out, "--set", "train.max_steps=400", "--set", "train.save_steps=1000"))
@@ -165,6 +169,7 @@ def test_a_second_ctrl_c_aborts_without_saving(tmp_path):
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.e2e
 def test_resume_refuses_changed_data_and_a_changed_lora_shape(tmp_path):
     data = tmp_path / "chat.jsonl"
     shutil.copy(ROOT / "datasets" / "tiny_chat.jsonl", data)
@@ -177,11 +182,11 @@ def test_resume_refuses_changed_data_and_a_changed_lora_shape(tmp_path):
 
     with data.open("a") as f:  # one more row: the checkpoint's data order no longer applies
         f.write(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}) + "\n")
-    result = run_cli(*args, "--resume")
+    result = cli(*args, "--resume")
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"data file {data} changed since the run started" in result.stderr and "Traceback" not in result.stderr
 
-    result = run_cli(*args, "--set", "lora.r=8", "--resume")
+    result = cli(*args, "--set", "lora.r=8", "--resume")
     assert result.returncode == 2 and "lora.r: 16 there, 8 now" in result.stderr
 
 
@@ -201,11 +206,12 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         out = locked / "run"
-    result = run_cli(*sft_args(out))
+    result = cli(*sft_args(out))
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"output_dir {out}: cannot write there" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_a_full_disk_while_saving_is_a_clear_error_and_nothing_looks_finished(tmp_path, tiny_dir):
     out = tmp_path / "run"
 
@@ -244,6 +250,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.e2e
 def test_a_tampered_checkpoint_cannot_run_code_on_resume(tmp_path):
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     args = sft_args(out, "--set", "train.max_steps=40", "--set", "train.save_steps=2")
@@ -253,12 +260,13 @@ def test_a_tampered_checkpoint_cannot_run_code_on_resume(tmp_path):
     finish(proc)
     checkpoint = Path(sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1])
     torch.save({"state": _Payload(marker)}, checkpoint / "rng_state.pth")  # torch.save pickles the payload
-    result = run_cli(*args, "--resume")
+    result = cli(*args, "--resume")
     assert result.returncode == 2 and "refused to load a file that holds more than tensors" in result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists()  # torch.load(weights_only=True) refused to build the object
 
 
+@pytest.mark.e2e
 def test_a_dpo_run_after_an_sft_at_r64_resumes_and_its_card_says_r64(tmp_path, tiny_dir):
     """lora: has one meaning: a run that continues model.adapter trains the adapter's saved shape, so the default
     lora: (r=16) neither blocks --resume ("lora.r: 64 in checkpoint-N, 16 now") nor shows in the card; a lora: key set

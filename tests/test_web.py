@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, run_cli
+from conftest import cli, ROOT, run_cli, TINY
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SECRET = "hf_never_on_the_page_0123456789"
@@ -228,17 +228,17 @@ def test_annotate_page_saves_rows_reward_trains_on(trained_run, browser, tmp_pat
 @pytest.mark.parametrize("args", [["chat", "builtin:tiny-llama-2", "--web", "--share"],
                                   ["annotate", "builtin:tiny-llama-2", "--output", "x.jsonl", "--host", "0.0.0.0"]])
 def test_a_page_others_can_reach_needs_a_password(args, tmp_path):
-    result = run_cli(*args, cwd=tmp_path, env={"LLAMA_FT_WEB_AUTH": ""})
+    result = cli(*args, cwd=tmp_path, env={"LLAMA_FT_WEB_AUTH": ""})
     assert result.returncode == 2 and "--auth USER:PASS" in result.stderr and "--no-auth" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.jsonl").exists()
-    bad = run_cli(*args, cwd=tmp_path, env={"LLAMA_FT_WEB_AUTH": "no-colon"})
+    bad = cli(*args, cwd=tmp_path, env={"LLAMA_FT_WEB_AUTH": "no-colon"})
     assert bad.returncode == 2 and "expected USER:PASS" in bad.stderr
 
 
 def test_annotate_refuses_an_output_that_is_not_jsonl(tmp_path):
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "truncated\n')
-    result = run_cli("annotate", "builtin:tiny-llama-2", "--output", prefs)
+    result = cli("annotate", "builtin:tiny-llama-2", "--output", prefs)
     assert result.returncode == 2 and f"{prefs}:2: not valid JSON" in result.stderr
     assert prefs.read_text().endswith('"truncated\n')  # left as it was
 
@@ -310,7 +310,7 @@ def test_llama_cpp_server_answers_as_llama_ft_chat(merged):
 
     _, out = merged
     question = "What does a duck say?"
-    expected = run_cli("chat", out, "--prompt", question, "--temperature", "0", "--max-new-tokens", "40")
+    expected = cli("chat", out, "--prompt", question, "--temperature", "0", "--max-new-tokens", "40")
     assert expected.returncode == 0, expected.stderr[-2000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

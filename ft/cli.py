@@ -172,7 +172,7 @@ def chat(
     top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0),
     quantization: Optional[str] = QuantizationOption,
     interactive: bool = typer.Option(False, "--interactive", help="Interactive even when stdin is not a terminal (one message per line)."),
-    web: bool = typer.Option(False, "--web", help="Serve the chat as a web page (pip install 'llama-ft[web]')."),
+    web: bool = typer.Option(False, "--web", help=r"Serve the chat as a web page (pip install 'llama-ft\[web]')."),
     host: str = HostOption,
     port: int = PortOption,
     share: bool = ShareOption,

@@ -120,3 +120,28 @@ def test_recipes_lists_every_shipped_recipe():
     assert result.returncode == 0
     for path in (ROOT / "recipes").glob("*.yaml"):
         assert f"recipes/{path.name}" in result.stdout
+
+
+def test_every_bracket_in_a_help_text_survives_the_help_page():
+    """typer renders help as rich markup, which eats a bracketed word ("pip install 'llama-ft[web]'" became
+    "'llama-ft'"): every [...] of every command's and option's help must reach its --help page (escape it as \\[)."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from ft.cli import app
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for name, command in group.commands.items():
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        wanted = [m.removeprefix("\\") for text in texts for m in re.findall(r"\\?\[[^\]\n]*\]", text)]
+        if not wanted:
+            continue
+        result = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+        page = " ".join(result.output.split())
+        for bracketed in wanted:
+            assert bracketed in page, f"llama-ft {name} --help lost {bracketed!r}"
+            checked += 1
+    assert checked  # chat's --web help names the [web] extra

@@ -222,9 +222,9 @@ def load(model: str, *, adapter: str | None = None, quantization: str | None = N
     return net, tokenizer
 
 
-def one_shot(session: Session, prompt: str, out=sys.stdout) -> str:
+def one_shot(session: Session, prompt: str, out=None) -> str:
     text = session.answer(prompt).text
-    out.write(text + "\n")
+    (out or sys.stdout).write(text + "\n")  # sys.stdout as it is now (a notebook or a test may have replaced it)
     return text
 
 

@@ -321,7 +321,7 @@ class Recipe(Section):
                 raise ValueError(f"section '{other.section}' belongs to stage {other.name}, but this recipe's stage is "
                                  f"{self.stage}")
         if self.eval is not None and not info.chat_model:
-            raise ValueError(f"section 'eval' benchmarks a chat model; a {self.stage} run is not one (score answers "
+            raise ValueError(f"section 'eval' benchmarks a chat model; a {self.stage} model is not one (score answers "
                              "with `llama-ft score`)")
         section = getattr(self, info.section) if info.section else None
         if info.section and section is None:

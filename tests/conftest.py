@@ -154,11 +154,11 @@ def run_cli(*args, cwd=ROOT, timeout=600, env=None):
     )
 
 
-def cli(*args, cwd=ROOT, env=None):
+def cli(*args, cwd=ROOT, env=None, timeout=None):
     """`llama-ft ARGS` in this process: ft.cli.main, with its exit codes and its stdout and stderr, as run_cli returns
     them. For refusals and quick commands: a subprocess pays 5-10 s importing torch, transformers, peft and
     bitsandbytes, which this process imports once. Keep run_cli where the process boundary is the point (signals, a
-    fresh interpreter's imports, the console script, several processes)."""
+    fresh interpreter's imports, the console script, several processes). `timeout` is run_cli's, unused here."""
     from ft import cli as cli_mod
 
     out, err = io.StringIO(), io.StringIO()

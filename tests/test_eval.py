@@ -19,7 +19,7 @@ def test_trained_run_knows_the_facts_its_base_is_at_chance_and_the_json_says_how
 
     run, _ = trained_run
     out = tmp_path / "eval.json"
-    result = run_cli("eval", run, "--tasks", TASK, "--base", "--batch-size", "3", "--output", out)
+    result = cli("eval", run, "--tasks", TASK, "--base", "--batch-size", "3", "--output", out)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["results"]["tiny_facts_mc"][ACC] >= 0.9
@@ -96,7 +96,7 @@ def test_eval_section_runs_at_the_end_of_training_with_and_without_the_adapter(t
     from ft.errors import UserError
 
     out = tmp_path / "run"
-    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.max_steps=2",
+    result = cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.max_steps=2",
                      "--set", "train.generate_samples=0", "--set", "train.report_to=none",
                      "--set", f"eval={{tasks: {TASK}, limit: 8, num_fewshot: 2, system: You are a terse assistant.}}")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, run_cli
+from conftest import cli
 
 
 @pytest.fixture(scope="module")
 def merged(trained_run, tmp_path_factory):
     run, _ = trained_run
     out = tmp_path_factory.mktemp("merge-gguf") / "merged"
-    result = run_cli("merge", run, "--output", out, "--gguf", "--dtype", "float32")
+    result = cli("merge", run, "--output", out, "--gguf", "--dtype", "float32")
     assert result.returncode == 0, result.stderr[-3000:]
     return run, out
 

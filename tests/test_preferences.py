@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, ROOT, run_cli, TINY, write_jsonl
+from conftest import cli, ROOT, TINY, write_jsonl
 from ft import data
 from ft.errors import UserError
 from ft.recipe import DataSource
@@ -117,7 +117,7 @@ def test_dpo_moves_greedy_answers_to_the_chosen_ones(trained_run, tmp_path):
 
     sft, _ = trained_run
     out = tmp_path / "dpo"
-    result = run_cli("dpo", "recipes/dpo.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
+    result = cli("dpo", "recipes/dpo.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
                      "--set", "data.train=datasets/tiny_dpo.jsonl", "--set", "data.eval=null", "--set", "train.batch_size=4",
                      "--set", "train.max_steps=60", "--set", "train.learning_rate=5e-4", "--set", "dpo.sft_weight=2.0")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -172,7 +172,7 @@ def test_rejection_sampling_keeps_the_best_sample_and_fine_tunes_on_it(trained_r
 
     sft, _ = trained_run
     out = tmp_path / "rejection"
-    result = run_cli("rejection", "recipes/rejection.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
+    result = cli("rejection", "recipes/rejection.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
                      "--set", "data.train=datasets/tiny_prompts.jsonl", "--set", f"rejection.reward_model={reward_run}",
                      "--set", "rejection.safety_model=null", "--set", "rejection.temperature=1.5",
                      "--set", "rejection.max_new_tokens=24", "--set", "rejection.batch_size=4", "--set", "train.max_steps=5")
@@ -217,7 +217,7 @@ def test_reward_model_learns_in_bfloat16(tmp_path):
     """The reward model with model.dtype: bfloat16 (16-bit frozen weights, the float32 score head fed float32)
     ranks the held-out pairs as the float32 one does (reward_run)."""
     out = tmp_path / "reward"
-    result = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", out, *TINY,
+    result = cli("reward", "recipes/reward-helpful.yaml", "--output-dir", out, *TINY,
                      "--set", "data.train=datasets/tiny_prefs.jsonl", "--set", "data.eval=datasets/tiny_prefs_eval.jsonl",
                      "--set", "train.max_steps=60", "--set", "train.learning_rate=1e-3", "--set", "train.batch_size=4",
                      "--set", "model.dtype=bfloat16")
@@ -237,7 +237,7 @@ def test_dpo_learns_in_bfloat16(trained_run, tmp_path):
 
     sft, _ = trained_run
     out = tmp_path / "dpo"
-    result = run_cli("dpo", "recipes/dpo.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
+    result = cli("dpo", "recipes/dpo.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
                      "--set", "data.train=datasets/tiny_dpo.jsonl", "--set", "data.eval=null", "--set", "train.batch_size=4",
                      "--set", "train.max_steps=60", "--set", "train.learning_rate=5e-4", "--set", "dpo.sft_weight=2.0",
                      "--set", "model.dtype=bfloat16")

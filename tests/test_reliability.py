@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, ROOT, run_cli
+from conftest import cli, ROOT
 
 QUICK = ["--set", "train.logging_steps=1", "--set", "train.generate_samples=0", "--set", "train.report_to=none"]
 
@@ -61,7 +61,7 @@ def adapter(run):
 def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_adapter_and_losses(tmp_path):
     steps = ["--set", "train.max_steps=12", "--set", "train.save_steps=4"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    result = run_cli(*sft_args(straight, *steps))
+    result = cli(*sft_args(straight, *steps))
     assert result.returncode == 0, result.stderr[-3000:]
 
     proc = start_cli(*sft_args(crashed, *steps))
@@ -70,7 +70,7 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_adapter_and_losses
     assert finish(proc)[0] == -signal.SIGKILL
     assert not (crashed / "metrics.json").exists() and not (crashed / "adapter_model.safetensors").exists()
 
-    result = run_cli(*sft_args(crashed, *steps), "--resume")
+    result = cli(*sft_args(crashed, *steps), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout
     a, b = adapter(straight), adapter(crashed)
@@ -94,12 +94,12 @@ def test_reward_and_dpo_resume_to_the_same_result(stage, trained_run, tmp_path):
                 "--set", "data.train=datasets/tiny_dpo.jsonl", "--set", "train.batch_size=4",
                 "--set", "dpo.sft_weight=2.0", "--set", "train.learning_rate=5e-4"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    assert run_cli(*args, "--output-dir", straight).returncode == 0
+    assert cli(*args, "--output-dir", straight).returncode == 0
     proc = start_cli(*args, "--output-dir", crashed)
     wait_for(lambda: (crashed / "checkpoint-8" / "trainer_state.json").exists(), proc, "checkpoint-8")
     proc.send_signal(signal.SIGKILL)
     finish(proc)
-    result = run_cli(*args, "--output-dir", crashed, "--resume")
+    result = cli(*args, "--output-dir", crashed, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = adapter(straight), adapter(crashed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -137,7 +137,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     assert "continue with: llama-ft sft recipes/tiny.yaml" in output and "--resume" in output
     assert not (out / "metrics.json").exists() and not (out / "adapter_model.safetensors").exists()
 
-    result = run_cli(*args, "--resume")
+    result = cli(*args, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 40 and metrics["resumed_from"] == str(saved[0])

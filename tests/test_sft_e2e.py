@@ -95,7 +95,7 @@ def test_resume_continues_from_the_last_checkpoint(run_dir, tmp_path):
     shutil.rmtree(crashed / "checkpoint-100")
     refused = cli("sft", "recipes/tiny.yaml", "--output-dir", crashed, "--set", "train.save_steps=40")
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
-    resumed = run_cli("sft", "recipes/tiny.yaml", "--output-dir", crashed, "--set", "train.save_steps=40", "--resume")
+    resumed = cli("sft", "recipes/tiny.yaml", "--output-dir", crashed, "--set", "train.save_steps=40", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "checkpoint-80" in resumed.stdout
     metrics = json.loads((crashed / "metrics.json").read_text())
@@ -111,7 +111,7 @@ def test_bad_data_row_exits_2_before_any_training(tmp_path):
     result = cli("sft", "recipes/tiny.yaml", "--output-dir", tmp_path / "run", "--set", f"data.train={bad}")
     assert result.returncode == 2
     assert f"{bad} line 5: message 2: unknown role 'robot'" in result.stderr and "Traceback" not in result.stderr
-    skipped = run_cli("sft", "recipes/tiny.yaml", "--output-dir", tmp_path / "run2", "--set", f"data.train={bad}",
+    skipped = cli("sft", "recipes/tiny.yaml", "--output-dir", tmp_path / "run2", "--set", f"data.train={bad}",
                       "--set", "data.skip_invalid=true", "--set", "train.max_steps=2", "--set", "train.generate_samples=0")
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "28 rows read, 27 examples kept, 1 invalid rows skipped" in skipped.stdout

@@ -136,8 +136,8 @@ def quantization_config(model: ModelSection):
 def load_model(model: ModelSection, *, quantization: str | None = None, reward: bool = False,
                pad_token_id: int | None = None):
     """The base causal LM (or, with reward=True, the base with a scalar score head, which reads the last token before
-    the padding: `pad_token_id` must be the tokenizer's), quantised as the recipe says (or as `quantization`
-    overrides)."""
+    the padding: its `pad_token_id` is the tokenizer's, given or chosen as load_tokenizer chooses it), quantised as
+    the recipe says (or as `quantization` overrides)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -149,8 +149,9 @@ def load_model(model: ModelSection, *, quantization: str | None = None, reward: 
         device_map = {"": distributed.local_rank()}  # one GPU, or this process's GPU under DDP
     else:
         device_map = {"": "cpu"}
-    if reward and pad_token_id is None:
-        raise ValueError("load_model(reward=True) needs the tokenizer's pad_token_id")
+    if reward and pad_token_id is None:  # the pad the checkpoint's tokenizer gets (choose_pad), as training chose it
+        pad_token_id = load_tokenizer(section.name, trust_remote_code=section.trust_remote_code,
+                                      chat_format=section.chat_format).pad_token_id
     extra = {"num_labels": 1, "pad_token_id": pad_token_id} if reward else {}
     try:
         return (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_pretrained(

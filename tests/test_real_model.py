@@ -126,7 +126,8 @@ def test_dpo_moves_answers_toward_the_chosen_ones(smol, smol_run, tmp_path):
     dpo = tmp_path / "dpo"
     result = run_cli("dpo", "recipes/dpo.yaml", "--set", f"model.name={smol}", "--set", f"model.adapter={out}",
                      "--set", f"data.train={pairs}", "--set", "data.eval=null", "--set", "train.max_steps=20",
-                     "--set", "train.learning_rate=5e-4", "--set", "train.batch_size=4", "--set", "data.max_length=256",
+                     "--set", "train.learning_rate=5e-4", "--set", "train.batch_size=4",
+                     "--set", "train.gradient_accumulation_steps=1", "--set", "data.max_length=256",
                      "--set", "train.gradient_checkpointing=false", "--set", "train.save_steps=20",
                      "--output-dir", dpo, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -158,7 +159,7 @@ def test_compare_tuned_model_against_its_base(smol, smol_run, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in _facts("smol_facts.jsonl")])
     result = run_cli("compare", out, smol, "--prompts", prompts, "--reward-function",
                      str(ROOT / "tests" / "reward_functions.py") + ":smol_facts", "--temperature", "0",
-                     "--max-new-tokens", "32", "--output", tmp_path / "compare.json", timeout=1800)
+                     "--max-new-tokens", "32", "--output", tmp_path / "cmp", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "compare.json").read_text())
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert report["n"] == 8 and report["win"] > report["loss"]

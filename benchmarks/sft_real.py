@@ -2,8 +2,8 @@
 
 The model is SmolLM2-135M-Instruct (the tests' local copy, tests/smol.py: its ChatML template, pad = EOS as
 published, byte-level BPE, tied embeddings), in 4-bit NF4 with double quantisation, LoRA r=16/alpha=32 on every
-projection, the same rows, batch 4, max_length 256, lr 2e-4 constant, adamw_torch, no gradient checkpointing,
-seed 42; each configuration in its own process:
+projection, one epoch over the same rows, batch 4, max_length 256, lr 2e-4 constant, adamw_torch, no gradient
+checkpointing, seed 42; each configuration in its own process:
 
   plain-trl         SFTTrainer + peft_config on prompt/completion rows rendered by the model's own template (TRL's
                     completion-only loss: SmolLM2's template has no {% generation %} markers, so TRL's
@@ -13,10 +13,12 @@ seed 42; each configuration in its own process:
   llama-ft+pack     `llama-ft sft`, data.packing=true (the default)
 
 Rows: single-answer dialogs of generated text (ft.tiny's words) with lognormal lengths, a third with a system
-message, the same file for every configuration. Reported: wall time of trainer.train(), its ratio to the plain
-script's, and supervised tokens per second (tokens with a label, i.e. the answers and their end of turn).
+message, the same file for every configuration. One epoch each, so every configuration does the same work (the
+packed ones in fewer, fuller sequences). Reported: wall time of trainer.train(), its ratio to the plain script's
+(unpacked to unpacked, packed to packed), supervised tokens per second (tokens with a label: the answers and their
+end of turn), and the padding share of the batches.
 
-Run:  python benchmarks/sft_real.py --steps 8 [--dialogs 96] [--json out.json]
+Run:  OMP_NUM_THREADS=1 python benchmarks/sft_real.py [--rows 24] [--repeats 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def make_rows(n: int, seed: int = SEED) -> list[dict]:
     return rows
 
 
-def plain_trl(workdir: Path, model_dir: str, steps: int, packing: bool, out_json: Path) -> None:
+def plain_trl(workdir: Path, model_dir: str, packing: bool, out_json: Path) -> None:
     """The plain TRL + PEFT script a user would write for this model (run in a child process)."""
     import torch
     from datasets import load_dataset
@@ -90,10 +92,10 @@ def plain_trl(workdir: Path, model_dir: str, steps: int, packing: bool, out_json
                                                bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32))
     dataset = load_dataset("json", data_files=str(workdir / "train.jsonl"), split="train")
     config = SFTConfig(
-        output_dir=str(out_json.with_suffix("")), max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=LR,
+        output_dir=str(out_json.with_suffix("")), num_train_epochs=1, per_device_train_batch_size=BATCH, learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch", gradient_checkpointing=False,
         bf16=on_gpu, use_cpu=not on_gpu, max_length=MAX_LENGTH, packing=packing, logging_steps=10,
-        save_steps=steps + 1000, seed=SEED, report_to="none")
+        save_strategy="no", seed=SEED, report_to="none")
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], bias="none", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
@@ -118,12 +120,12 @@ def plain_trl(workdir: Path, model_dir: str, steps: int, packing: bool, out_json
         "global_step": trainer.state.global_step}))
 
 
-def run_one(name: str, workdir: Path, model_dir: Path, steps: int, index: int) -> dict:
+def run_one(name: str, workdir: Path, model_dir: Path, index: int) -> dict:
     packing = name.endswith("+pack")
     if name.startswith("plain"):
         out = workdir / f"{name}-{index}.json"
-        cmd = [sys.executable, __file__, "--_plain", str(workdir), "--_model", str(model_dir), "--steps", str(steps),
-               "--_out", str(out)] + (["--_pack"] if packing else [])
+        cmd = [sys.executable, __file__, "--_plain", str(workdir), "--_model", str(model_dir), "--_out", str(out)] \
+            + (["--_pack"] if packing else [])
     else:
         run_dir = workdir / f"run-{name}-{index}"
         out = run_dir / "metrics.json"
@@ -140,9 +142,8 @@ def run_one(name: str, workdir: Path, model_dir: Path, steps: int, index: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="optimiser steps per run (default 8)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration, interleaved; medians reported")
-    parser.add_argument("--dialogs", type=int, default=96, help="rows in the generated data set")
+    parser.add_argument("--rows", type=int, default=24, help="rows in the generated data set (one epoch over them)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--_plain", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--_model", type=str, help=argparse.SUPPRESS)
@@ -151,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args._plain:
-        return plain_trl(args._plain, args._model, args.steps, args._pack, args._out)
+        return plain_trl(args._plain, args._model, args._pack, args._out)
 
     from sft_throughput import machine  # this script's folder is on sys.path
 
@@ -164,40 +165,41 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="sft-real-"))
     os.environ.setdefault("HF_DATASETS_CACHE", str(workdir / "hf-datasets"))
     data = workdir / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(args.dialogs)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(args.rows)))
     recipe = {
         "model": {"name": str(model_dir), "quantization": "4bit"}, "lora": LORA,
         "data": {"train": str(data), "max_length": MAX_LENGTH, "packing": False},
-        "train": {"max_steps": args.steps, "learning_rate": LR, "lr_scheduler": "constant", "warmup_ratio": 0.0,
+        "train": {"epochs": 1, "learning_rate": LR, "lr_scheduler": "constant", "warmup_ratio": 0.0,
                   "weight_decay": 0.0, "optim": "adamw_torch", "batch_size": BATCH, "gradient_checkpointing": False,
-                  "save_steps": args.steps + 1000, "logging_steps": 10, "seed": SEED, "report_to": "none",
+                  "save_steps": 100000, "logging_steps": 10, "seed": SEED, "report_to": "none",
                   "generate_samples": 0},
         "output_dir": str(workdir / "unused"),
     }
     (workdir / "recipe.json").write_text(json.dumps(recipe, indent=2))  # JSON is YAML
-    print(f"work: SmolLM2-135M-Instruct 4-bit, {args.dialogs} rows, {args.steps} steps x batch {BATCH}, "
-          f"max_length {MAX_LENGTH}; files in {workdir}")
+    print(f"work: SmolLM2-135M-Instruct 4-bit, {args.rows} rows, one epoch, batch {BATCH}, max_length {MAX_LENGTH}, "
+          f"torch threads {info['torch_threads']}; files in {workdir}")
     runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     for index in range(args.repeats):
         for name in CONFIGS:
-            runs[name].append(run_one(name, workdir, model_dir, args.steps, index))
+            runs[name].append(run_one(name, workdir, model_dir, index))
             r = runs[name][-1]
-            print(f"  {name} #{index + 1}: {r['train_seconds']:.1f} s, {r['supervised_tokens_per_second']:.0f} "
-                  "supervised tok/s", flush=True)
+            print(f"  {name} #{index + 1}: {r['train_seconds']:.1f} s, {r['global_step']} steps, "
+                  f"{r['supervised_tokens_per_second']:.0f} supervised tok/s", flush=True)
     results = {name: {"train_seconds": statistics.median(r["train_seconds"] for r in rs),
                       "supervised_tokens_per_second": statistics.median(r["supervised_tokens_per_second"] for r in rs),
                       "supervised_tokens": rs[0]["supervised_tokens"], "tokens": rs[0]["tokens"],
-                      "padding_fraction": rs[0]["padding_fraction"]} for name, rs in runs.items()}
-    header = f"{'config':<16}{'seconds':>9}{'time vs plain':>15}{'sup tok/s':>11}{'sup tokens':>12}{'padding':>9}"
+                      "padding_fraction": rs[0]["padding_fraction"], "steps": rs[0]["global_step"]}
+               for name, rs in runs.items()}
+    header = f"{'config':<16}{'steps':>6}{'seconds':>9}{'time vs plain':>15}{'sup tok/s':>11}{'sup tokens':>12}{'padding':>9}"
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
         plain = results["plain-trl+pack" if name.endswith("+pack") else "plain-trl"]["train_seconds"]
-        print(f"{name:<16}{r['train_seconds']:>9.1f}{r['train_seconds'] / plain:>14.2f}x"
+        print(f"{name:<16}{r['steps']:>6}{r['train_seconds']:>9.1f}{r['train_seconds'] / plain:>14.2f}x"
               f"{r['supervised_tokens_per_second']:>11.0f}{r['supervised_tokens']:>12}{r['padding_fraction']:>9.1%}")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "steps": args.steps, "repeats": args.repeats,
-                                         "dialogs": args.dialogs, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"machine": info, "repeats": args.repeats, "rows": args.rows,
+                                         "load_average": os.getloadavg(), "results": results}, indent=2))
     shutil.rmtree(workdir, ignore_errors=True)
 
 

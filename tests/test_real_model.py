@@ -81,12 +81,15 @@ def smol_run(smol, tmp_path_factory):
 
 
 def _answers(model, questions):
-    """Greedy one-shot `llama-ft chat` answers of `model`, one process per question (each answer on its own)."""
+    """Greedy answers of `model` (anything `llama-ft chat` takes) to each question on its own, as `chat` gives them."""
+    from ft import chat
+
+    net, tokenizer = chat.load(str(model))
+    session = chat.Session(net, tokenizer, system=None, max_new_tokens=40, temperature=0.0, top_p=1.0)
     answers = []
     for q in questions:
-        result = run_cli("chat", model, "--prompt", q, "--temperature", "0", "--max-new-tokens", "40")
-        assert result.returncode == 0, result.stderr[-2000:]
-        answers.append(result.stdout.strip())
+        session.turns = []
+        answers.append(session.answer(q).text)
     return answers
 
 

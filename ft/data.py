@@ -57,8 +57,6 @@ class Report:
 
     def summary(self, name: str) -> str:
         parts = [f"{name}: {self.rows} rows read, {self.examples} examples kept"]
-        if self.chat_format:
-            parts.append(f"chat format {self.chat_format}, pad {self.pad}")
         if self.skipped_invalid:
             parts.append(f"{self.skipped_invalid} invalid rows skipped")
         if self.dropped_too_long:
@@ -67,6 +65,8 @@ class Report:
             parts.append(f"{self.truncated} truncated to max_length")
         if self.packed_rows is not None:
             parts.append(f"packed into {self.packed_rows} sequences")
+        if self.chat_format:
+            parts.append(f"chat format {self.chat_format}, pad {self.pad}")
         return ", ".join(parts)
 
 

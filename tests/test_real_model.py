@@ -19,6 +19,7 @@ ACC = "acc,none"
 QUESTION = "What is the capital of France?"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("quantization", ["4bit", "none"])
 def test_chat_answers_paris_in_the_models_own_format(smol, quantization):
     result = run_cli("chat", smol, "--prompt", QUESTION, "--temperature", "0", "--max-new-tokens", "12",
@@ -49,6 +50,7 @@ def test_assistant_mask_by_ids_on_the_real_tokenizer(smol):
     assert "You are a helpful AI assistant named SmolLM" in tok.decode([t for t, m in zip(ids, mask) if not m])
 
 
+@pytest.mark.e2e
 def test_eval_agrees_with_a_plain_lm_eval_run_with_the_chat_template(smol, monkeypatch):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -99,6 +101,7 @@ def _facts(name):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_sft_teaches_new_facts_answers_paraphrases_and_keeps_general_knowledge(smol, smol_run, tmp_path):
     from ft import evaluation
 
@@ -118,6 +121,7 @@ def test_sft_teaches_new_facts_answers_paraphrases_and_keeps_general_knowledge(s
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_dpo_moves_answers_toward_the_chosen_ones(smol, smol_run, tmp_path):
     out, _ = smol_run
     prompts = ["What colour is a glimmerfox?", "What do velunari eat?", "How many moons does the planet Orvex have?",
@@ -157,6 +161,7 @@ def test_dpo_moves_answers_toward_the_chosen_ones(smol, smol_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_compare_tuned_model_against_its_base(smol, smol_run, tmp_path):
     out, _ = smol_run
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in _facts("smol_facts.jsonl")])

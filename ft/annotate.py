@@ -150,7 +150,8 @@ class Annotator:
 
     def compare(self, dialog: Dialog, user: str) -> Comparison:
         """A new comparison for `user`: the variants put on sides A and B at random."""
-        problem = chat_format.check_messages(dialog.messages(user), final_user=True)
+        problem = chat_format.check_messages(dialog.messages(user), final_user=True,
+                                             tags=chat_format.is_llama2(self.variants[0].session.tokenizer))
         if problem:
             raise UserError(f"cannot send that message: {problem}")
         first, second = self.variants

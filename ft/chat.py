@@ -1,8 +1,10 @@
-"""`llama-ft chat`: talk to a tuned model in the Llama 2 chat format, one-shot or interactively.
+"""`llama-ft chat`: talk to a tuned model in its chat format, one-shot or interactively.
 
 MODEL may be a run folder (its base, quantised as it was trained unless --quantization says
-otherwise, plus its adapter and tokenizer), a merged folder, or any Llama 2 checkpoint (local
-folder or Hub id). Generation stops at EOS, or early through Session.stop (Ctrl-C in the terminal,
+otherwise, plus its adapter and tokenizer), a merged folder, or any Llama-family checkpoint (local
+folder or Hub id). The chat format is the run's (its saved tokenizer's template) or, for a plain checkpoint,
+model.chat_format's auto rule (ft/chat_format.py): Llama 2's for a checkpoint without a template or with a Llama 2
+one, the checkpoint's own otherwise. A checkpoint that pads with EOS is fine here (models.choose_pad). Generation stops at EOS, or early through Session.stop (Ctrl-C in the terminal,
 the stop button of `llama-ft chat --web`, ft/web.py). The history is trimmed from the oldest turns so the
 prompt and the answer fit Llama 2's 4096-token context; the system prompt always stays.
 """
@@ -79,12 +81,15 @@ class Session:
         return head + self.turns
 
     def prompt_ids(self, user: str):
-        """Token ids of the dialog so far plus `user`, dropping the oldest turns until it fits."""
-        problem = chat_format.check_messages(self.messages(user), final_user=True)
+        """Token ids of the dialog so far plus `user` (with the template's generation prompt), dropping the oldest
+        turns until it fits."""
+        import torch
+
+        problem = chat_format.check_messages(self.messages(user), final_user=True, tags=chat_format.is_llama2(self.tokenizer))
         if problem:
             raise UserError(f"cannot send that message: {problem}")
         while True:
-            ids = self.tokenizer.apply_chat_template(self.messages(user), return_tensors="pt", return_dict=True)["input_ids"]
+            ids = torch.tensor([chat_format.prompt_ids(self.tokenizer, self.messages(user))])
             if ids.shape[1] + self.max_new_tokens <= self.context or not self.turns:
                 break
             self.turns = self.turns[2:]  # the oldest user/assistant pair

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ft import chat, data, memory_use, models, runs
+from ft import chat, chat_format, data, memory_use, models, runs
 from ft.errors import UserError
 from ft.recipe import DataSource, ModelSection
 # sampling and scoring: the one implementation the training stages use
@@ -289,7 +289,7 @@ def _generate(c: Contestant, model, tokenizer, prompts, log, *, temperature, top
 
     context = min(getattr(model.config, "max_position_embeddings", chat.CONTEXT), chat.CONTEXT)
     for p in prompts:
-        length = len(tokenizer.apply_chat_template(p["prompt"], tokenize=True, return_dict=True)["input_ids"])
+        length = len(chat_format.prompt_ids(tokenizer, p["prompt"]))
         if length + max_new_tokens > context:
             raise UserError(f"{p['origin']}: the prompt has {length} tokens; with --max-new-tokens {max_new_tokens} "
                             f"it exceeds the {context}-token context. Shorten it or lower --max-new-tokens")

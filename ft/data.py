@@ -5,12 +5,15 @@ Formats (named with `format:` or detected from the first row's fields):
   sharegpt           {"conversations": [{"from": "system|human|gpt", "value": "..."}, ...]}
   alpaca             {"instruction": "...", "input": "... (optional)", "output": "..."}
   prompt_completion  {"prompt": "..." or [messages], "completion": "..." or [assistant message]}
-All become Llama 2 chat dialogs. A prompt_completion row trains its completion only: assistant turns inside
+All become chat dialogs, rendered by the run's chat format (ft/chat_format.py: Llama 2's, or the model's own
+template; the tag checks on rows apply to Llama 2's only). A prompt_completion row trains its completion only: assistant turns inside
 its prompt are context (Ghost Attention's rows: earlier turns are not trained). Every row is checked before any training starts; a bad row
 stops the run naming its file and line/row, unless `data.skip_invalid: true`, in which case it
 is skipped and counted. After tokenizing, a row whose answers are cut off entirely by
 `data.max_length` is dropped and counted (it would train on nothing). Labels are -100 on every
-token except the assistant answers and their EOS.
+token except the assistant answers and their end-of-turn token (EOS in Llama 2's format), taken from the
+template's assistant mask, never from the pad id. A row the template cannot render stops the run naming its
+file and row (or is skipped and counted with `data.skip_invalid`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class RowError(ValueError):
+class RowError(chat_format.DialogError):
     """One row is invalid; the message says why (without the location, which the caller adds)."""
 
 
@@ -43,7 +46,14 @@ class Report:
     truncated: int = 0
     examples: int = 0
     packed_rows: int | None = None
+    chat_format: str | None = None  # chat_format.describe: llama2, or the model's own template and its end of turn
+    pad: str | None = None  # the pad token chosen (models.choose_pad) and its id
     notes: list[str] = field(default_factory=list)
+
+    def note_tokenizer(self, tokenizer) -> None:
+        """Record the chat format and the pad token the rows were (or will be) rendered with."""
+        self.chat_format = chat_format.describe(tokenizer)
+        self.pad = f"{tokenizer.pad_token} (id {tokenizer.pad_token_id})"
 
     def summary(self, name: str) -> str:
         parts = [f"{name}: {self.rows} rows read, {self.examples} examples kept"]
@@ -55,6 +65,8 @@ class Report:
             parts.append(f"{self.truncated} truncated to max_length")
         if self.packed_rows is not None:
             parts.append(f"packed into {self.packed_rows} sequences")
+        if self.chat_format:
+            parts.append(f"chat format {self.chat_format}, pad {self.pad}")
         return ", ".join(parts)
 
 
@@ -153,8 +165,9 @@ def detect_format(row: dict) -> str:
     )
 
 
-def to_messages(row: dict, fmt: str) -> list[dict]:
-    """The row as a Llama 2 chat dialog ending with an assistant answer; RowError if it is not valid."""
+def to_messages(row: dict, fmt: str, *, tags: bool = True) -> list[dict]:
+    """The row as a chat dialog ending with an assistant answer; RowError if it is not valid (with `tags`, the Llama 2
+    format's: no message may contain its tags)."""
     if not isinstance(row, dict):
         raise RowError(f"expected an object, got {type(row).__name__}")
     if fmt == "messages":
@@ -184,7 +197,7 @@ def to_messages(row: dict, fmt: str) -> list[dict]:
         messages = list(prompt) + list(completion)
     else:
         raise RowError(f"unknown format {fmt!r}")
-    problem = chat_format.check_messages(messages)
+    problem = chat_format.check_messages(messages, tags=tags)
     if problem:
         raise RowError(problem)
     return messages
@@ -217,7 +230,7 @@ def check_rows(sources: list[DataSource], convert, *, skip_invalid: bool, what: 
             report.rows += 1
             try:
                 items.append({**convert(row, source), "origin": f"{name} {location}"})
-            except RowError as e:
+            except chat_format.DialogError as e:  # a RowError, or a dialog the chat template cannot render
                 if not skip_invalid:
                     raise UserError(f"{name} {location}: {e} ({hint})") from None
                 report.skipped_invalid += 1
@@ -229,18 +242,23 @@ def check_rows(sources: list[DataSource], convert, *, skip_invalid: bool, what: 
     return items, report
 
 
-def load_dialogs(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list[dict], Report]:
-    """Every row of every source as {"messages", "origin"}; the format is named or detected per source."""
+def load_dialogs(sources: list[DataSource], *, skip_invalid: bool, tokenizer=None) -> tuple[list[dict], Report]:
+    """Every row of every source as {"messages", "origin"}; the format is named or detected per source. With a
+    tokenizer, each dialog is also rendered by its chat format ("encoded": ids and assistant mask), so that a row the
+    template cannot render is named (or skipped) like any invalid row."""
     formats: dict[int, str] = {}
+    tags = tokenizer is None or chat_format.is_llama2(tokenizer)
 
     def convert(row, source):
         if id(source) not in formats:
             formats[id(source)] = source.format if source.format != "auto" else detect_format(row)
-        messages = to_messages(row, formats[id(source)])
+        item = {"messages": to_messages(row, formats[id(source)], tags=tags)}
         if formats[id(source)] == "prompt_completion" and isinstance(row.get("prompt"), list):
             # a prompt is context: its assistant turns (earlier answers) are not trained, only the completion
-            return {"messages": messages, "context_answers": sum(m.get("role") == "assistant" for m in row["prompt"])}
-        return {"messages": messages}
+            item["context_answers"] = sum(m.get("role") == "assistant" for m in row["prompt"])
+        if tokenizer is not None:
+            item["encoded"] = chat_format.encode(tokenizer, item["messages"])
+        return item
 
     return check_rows(sources, convert, skip_invalid=skip_invalid)
 
@@ -252,10 +270,13 @@ def tokenize(dialogs: list[dict], tokenizer, max_length: int, report: Report) ->
     """input_ids and labels (-100 outside assistant answers) for each dialog, truncated to max_length."""
     examples = []
     for dialog in dialogs:
-        encoded = tokenizer.apply_chat_template(
-            dialog["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        input_ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+        if "encoded" in dialog:
+            input_ids, mask = dialog["encoded"]
+        else:
+            try:
+                input_ids, mask = chat_format.encode(tokenizer, dialog["messages"])
+            except chat_format.DialogError as e:
+                raise UserError(f"{dialog['origin']}: {e}") from None
         if dialog.get("context_answers"):
             mask = _untrain_first_answers(mask, dialog["context_answers"])
         labels = [tok if keep else -100 for tok, keep in zip(input_ids, mask)]
@@ -290,8 +311,11 @@ def load_sft(sources: list[DataSource], tokenizer, *, max_length: int, skip_inva
     """A datasets.Dataset of input_ids/labels ready for TRL's SFTTrainer (packed if asked), and the report."""
     import datasets
 
-    dialogs, report = load_dialogs(sources, skip_invalid=skip_invalid)
+    dialogs, report = load_dialogs(sources, skip_invalid=skip_invalid, tokenizer=tokenizer)
+    report.note_tokenizer(tokenizer)
     examples = datasets.Dataset.from_list(tokenize(dialogs, tokenizer, max_length, report))
+    for dialog in dialogs:
+        dialog.pop("encoded", None)
     if packing:
         from trl.data_utils import pack_dataset
 
@@ -308,7 +332,9 @@ class PackedCollator:
     transformers builds a block-diagonal causal mask per row: examples never attend to each other.
     (TRL's padding-free collator instead flattens the whole batch into one row; with SDPA, which has
     no variable-length kernel, that makes attention cost grow with the square of the batch.)
-    The padding after a short row is a block of its own, with labels -100.
+    The padding after a short row is a block of its own, with labels -100; how many padding tokens the batch holds
+    is passed as `padding_tokens` (the SFT stage counts them and removes the key before the forward pass): the pad id
+    may also be a real token of the data, so padding is never found by comparing ids.
     """
 
     def __init__(self, pad_token_id: int):
@@ -327,7 +353,9 @@ class PackedCollator:
             labels[i, :n] = torch.tensor(row["labels"])
             position_ids[i, :n] = torch.cat([torch.arange(k) for k in row["seq_lengths"]])
             position_ids[i, n:] = torch.arange(width - n)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        padding = sum(width - len(row["input_ids"]) for row in rows)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "padding_tokens": torch.tensor(padding)}
 
 
 # ---------------------------------------------------------------- preference pairs (reward, DPO, rejection)

@@ -6,11 +6,14 @@ tokenizer. lm-eval's `simple_evaluate` ignores its batch_size for a prebuilt HFL
 to HFLM itself. `--base` runs the same evaluation again inside peft's `disable_adapter()`: the base as it was
 before training, from the same weights in memory.
 
-In the Llama 2 chat format (see ft/chat_format.py) each request's context is the dialog rendered by the run's
-template (system message, few-shot examples as earlier turns, the question as the last user turn), and the
-answer is scored after exactly one space, as `[/INST] answer` is encoded in training: the scored ids are the
+In chat mode each request's context is the dialog rendered by the run's chat format (ft/chat_format.py: the run's
+saved template, or for a plain checkpoint model.chat_format's auto rule; system message, few-shot examples as
+earlier turns, the question as the last user turn, then the template's generation prompt). In the Llama 2 format
+the answer is scored after exactly one space, as `[/INST] answer` is encoded in training: the scored ids are the
 dialog's training ids up to the end of the answer. (lm-eval's own chat path joins context and answer with no
-delimiter, which gives other ids unless every answer starts with a space.)
+delimiter, which gives other ids unless every answer starts with a space.) With the model's own template the answer
+follows the generation prompt directly, as lm-eval's own chat path scores it (a plain lm-eval run with
+apply_chat_template gives the same figures).
 
 Results keep lm-eval's layout (`results[task]["acc,none"]`, `["acc_stderr,none"]`); the JSON adds what reproduces
 them. Beside a Llama 2 base, the paper's figure for a comparable task is printed (ft/llama2_paper.py).
@@ -102,19 +105,24 @@ def describe(model: str, *, adapter: str | None = None, quantization: str | None
     adapter_run = Path(adapter).expanduser() if adapter else None
     return {"model": str(model), "kind": "checkpoint", "stage": None, "base": str(model),
             "adapter": str(adapter) if adapter else None, "quantization": quantization or "none",
-            # Meta's -chat checkpoints were tuned on dialogs; an llama-ft run used as --adapter was too
-            "chat_tuned": "chat" in str(model).lower()
+            # Meta's -chat checkpoints (and -Instruct ones) were tuned on dialogs; an llama-ft run used as --adapter
+            "chat_tuned": any(word in str(model).lower() for word in ("chat", "instruct"))
             or bool(adapter_run and (adapter_run / runs.RECIPE_FILE).is_file())}
 
 
 def harness_model(net, tokenizer, *, chat: bool, batch_size: str | int = "auto"):
     """lm-eval's HFLM around the loaded model and its tokenizer; in chat mode (see the module docstring) each
-    answer is scored after one space following `[/INST]`, as in training."""
+    answer is scored after one space following `[/INST]`, as in training; with the model's own template, as lm-eval
+    scores it."""
     from lm_eval.models.huggingface import HFLM
+
+    from ft import chat_format
+
+    llama2 = chat and chat_format.is_llama2(tokenizer)
 
     class Llama2LM(HFLM):
         def _encode_pair(self, context: str, continuation: str):
-            if chat:  # Meta's format: "[/INST] answer" (one space, the answer stripped), whatever the task's delimiter
+            if llama2:  # Meta's format: "[/INST] answer" (one space, the answer stripped), whatever the task's delimiter
                 continuation = " " + continuation.strip()
             return super()._encode_pair(context, continuation)
 

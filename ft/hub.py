@@ -132,10 +132,15 @@ def model_card(folder: Path, repo_id: str) -> str:
     if kind == "merged":
         lines += ["", "## Merge verification", ""] + _verification(report)
 
-    lines += ["", "## Usage", ""] + _usage(repo_id, kind, reward, gguf)
-    lines += ["", "## Prompt format", "", "The Llama 2-Chat format (the tokenizer's chat template produces it):", "",
-              "```", "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]",
-              "```"]
+    own_template = _own_template(folder)
+    lines += ["", "## Usage", ""] + _usage(repo_id, kind, reward, gguf, llama2=own_template is None)
+    if own_template is None:
+        lines += ["", "## Prompt format", "", "The Llama 2-Chat format (the tokenizer's chat template produces it):", "",
+                  "```", "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]",
+                  "```"]
+    else:
+        lines += ["", "## Prompt format", "", "The base model's own chat template, as trained (the tokenizer's chat "
+                  "template produces it); a dialog renders as:", "", "```", own_template, "```"]
     if recipe:
         lines += ["", "## Recipe", "", "The resolved recipe (also in `recipe.yaml`); run it with `llama-ft "
                   f"{recipe.stage} recipe.yaml`:", "", "```yaml", yaml.safe_dump(recipe.model_dump(mode="json"),
@@ -177,7 +182,23 @@ def _verification(report: dict) -> list[str]:
     return out
 
 
-def _usage(repo_id: str, kind: str, reward: bool, gguf: list[str]) -> list[str]:
+def _own_template(folder: Path) -> str | None:
+    """A sample dialog in the folder's chat template, or None for the Llama 2 format (or no tokenizer)."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    from ft import chat_format
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if not isinstance(tokenizer.chat_template, str) or chat_format.is_llama2_template(tokenizer.chat_template):
+        return None
+    sample = [{"role": "system", "content": "{system}"}, {"role": "user", "content": "{user}"},
+              {"role": "assistant", "content": "{answer}"}, {"role": "user", "content": "{user}"}]
+    return tokenizer.apply_chat_template(sample, tokenize=False, add_generation_prompt=True)
+
+
+def _usage(repo_id: str, kind: str, reward: bool, gguf: list[str], *, llama2: bool = True) -> list[str]:
     if reward:
         return ["```python", "from peft import AutoPeftModelForSequenceClassification", "from transformers import AutoTokenizer",
                 "", f'model = AutoPeftModelForSequenceClassification.from_pretrained("{repo_id}", num_labels=1)',
@@ -197,8 +218,8 @@ def _usage(repo_id: str, kind: str, reward: bool, gguf: list[str]) -> list[str]:
              'print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
              f"With llama-ft: `hf download {repo_id} --local-dir model` then `llama-ft chat model`."]
     if gguf:
-        lines += ["", f"With llama.cpp: `llama-cli -m {gguf[0]} -p \"[INST] Hello! [/INST]\"` "
-                      f"(files: {', '.join(gguf)})."]
+        run = f"-p \"[INST] Hello! [/INST]\"" if llama2 else "-cnv (its chat template is in the file)"
+        lines += ["", f"With llama.cpp: `llama-cli -m {gguf[0]} {run}` (files: {', '.join(gguf)})."]
     return lines
 
 

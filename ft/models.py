@@ -8,8 +8,8 @@ warning says so every time a checkpoint is loaded with it.
 
 Llama 2 has no pad token. We pad with <unk> (id 0): it is in the vocabulary (no embedding
 resize, which a 4-bit model cannot do cleanly), it never appears in chat data, and it is not
-EOS, so EOS stays in the labels and the model learns to stop. Padded positions are masked
-out of attention and loss anyway.
+EOS. A checkpoint that pads with EOS gets another existing token (choose_pad). Padded positions
+are masked out of attention and loss by masks, never by comparing ids with the pad id.
 """
 
 from __future__ import annotations
@@ -69,9 +69,13 @@ def compute_dtype(requested: str = "auto"):
     return torch.float32
 
 
-def load_tokenizer(name: str, *, padding_side: str = "right", trust_remote_code: bool = False):
-    """The tokenizer with the Llama 2 chat template set and checked, and <unk> as the pad token."""
+def load_tokenizer(name: str, *, padding_side: str = "right", trust_remote_code: bool = False,
+                   chat_format: str = "auto", training: bool = False):
+    """The tokenizer with its chat format chosen and checked (ft/chat_format.py: model.chat_format), and a pad token
+    that is not EOS (choose_pad). A run or merged folder's tokenizer carries the template it was trained with."""
     from transformers import AutoTokenizer
+
+    from ft import chat_format as formats
 
     folder = Path(name).expanduser()
     source = str(folder) if (folder / "tokenizer_config.json").is_file() else resolve(name)  # a run folder has no config.json
@@ -79,13 +83,35 @@ def load_tokenizer(name: str, *, padding_side: str = "right", trust_remote_code:
         tokenizer = AutoTokenizer.from_pretrained(source, legacy=True, trust_remote_code=_trust(name, trust_remote_code))
     except OSError as e:
         raise UserError(f"model {name!r}: cannot load its tokenizer ({first_line(e)})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise UserError(f"model {name!r}: its pad token is EOS; the model would never learn to stop")
     tokenizer.padding_side = padding_side
-    chat_format.apply(tokenizer)
+    formats.use(tokenizer, chat_format, name=name)
+    choose_pad(tokenizer, name=name, training=training)
     return tokenizer
+
+
+def choose_pad(tokenizer, *, name: str, training: bool) -> None:
+    """A pad token distinct from EOS, BOS and the template's end-of-turn token, among the tokenizer's existing tokens
+    (the vocabulary is never resized: a quantised base cannot grow its embeddings cleanly): the checkpoint's own pad
+    if it is none of those, else <unk>, else the first special token the chat template does not use.
+
+    Llama 2 has no pad token and gets <unk> (id 0). Many published checkpoints pad with EOS; llama-ft never compares
+    ids with the pad id to build labels (those come from the assistant and attention masks), but a reward model finds
+    its last token by the pad id, and padding counts need pad != EOS. Without any candidate, inference keeps pad =
+    EOS and training is refused."""
+    taken = {tokenizer.eos_token_id, tokenizer.bos_token_id, chat_format.end_of_turn(tokenizer, name=name)}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in taken:
+        return
+    used = chat_format.template_ids(tokenizer)
+    candidates = [tokenizer.unk_token_id] + sorted(chat_format.special_ids(tokenizer))
+    pick = next((i for i in candidates if i is not None and i not in taken and i not in used), None)
+    if pick is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pick)
+    elif training:
+        raise UserError(f"model {name!r}: its tokenizer has no token to pad with besides EOS, BOS and the chat "
+                        "template's own (no <unk>, no unused special token); add a pad token to the checkpoint's "
+                        "tokenizer first")
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # inference only: padded positions are masked out of attention
 
 
 def quantization_config(model: ModelSection):
@@ -107,9 +133,11 @@ def quantization_config(model: ModelSection):
     return None
 
 
-def load_model(model: ModelSection, *, quantization: str | None = None, reward: bool = False):
-    """The base causal LM (or, with reward=True, the base with a scalar score head), quantised as the
-    recipe says (or as `quantization` overrides)."""
+def load_model(model: ModelSection, *, quantization: str | None = None, reward: bool = False,
+               pad_token_id: int | None = None):
+    """The base causal LM (or, with reward=True, the base with a scalar score head, which reads the last token before
+    the padding: its `pad_token_id` is the tokenizer's, given or chosen as load_tokenizer chooses it), quantised as
+    the recipe says (or as `quantization` overrides)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -121,7 +149,10 @@ def load_model(model: ModelSection, *, quantization: str | None = None, reward: 
         device_map = {"": distributed.local_rank()}  # one GPU, or this process's GPU under DDP
     else:
         device_map = {"": "cpu"}
-    extra = {"num_labels": 1, "pad_token_id": 0} if reward else {}  # Llama 2 pads with <unk> = 0 here
+    if reward and pad_token_id is None:  # the pad the checkpoint's tokenizer gets (choose_pad), as training chose it
+        pad_token_id = load_tokenizer(section.name, trust_remote_code=section.trust_remote_code,
+                                      chat_format=section.chat_format).pad_token_id
+    extra = {"num_labels": 1, "pad_token_id": pad_token_id} if reward else {}
     try:
         return (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_pretrained(
             resolve(section.name),

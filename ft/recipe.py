@@ -32,6 +32,10 @@ class ModelSection(Section):
         "4bit", description="Weights of the frozen base: 4-bit NF4 with double quantisation (QLoRA), 8-bit, or unquantised."
     )
     adapter: str | None = Field(None, description="Start from the LoRA adapter of an earlier run folder (continues training it).")
+    chat_format: Literal["auto", "llama2", "model"] = Field(
+        "auto", description="Chat format: llama2 (Meta's [INST] format and ids), model (the checkpoint's own "
+        "chat_template), or auto: llama2 for a checkpoint with no template or a Llama 2 [INST] one, else its own."
+    )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Compute dtype. auto: bfloat16 where the GPU supports it, float16 on other GPUs (T4), float32 on CPU."
     )

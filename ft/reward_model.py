@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from ft import models, runs
+from ft import chat_format, models, runs
 from ft.errors import UserError
 
 # ---------------------------------------------------------------- reward models
 
 
 def render(tokenizer, prompt: list[dict], answer: str) -> list[int]:
-    """The token ids a reward model reads: the chat-formatted prompt + answer + </s>."""
-    messages = prompt + [{"role": "assistant", "content": answer}]
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    """The token ids a reward model reads: the chat-formatted prompt + answer, up to the answer's end-of-turn token
+    (</s> in Llama 2's format)."""
+    return chat_format.dialog_ids(tokenizer, prompt + [{"role": "assistant", "content": answer}])
 
 
 def right_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +51,8 @@ class Scorer:
     def load(cls, run_dir: str | Path) -> "Scorer":
         recipe = reward_recipe(run_dir)
         tokenizer = models.load_tokenizer(str(run_dir), trust_remote_code=recipe.model.trust_remote_code)
-        base = models.load_model(recipe.model.model_copy(update={"adapter": None}), reward=True)
+        base = models.load_model(recipe.model.model_copy(update={"adapter": None}), reward=True,
+                                 pad_token_id=tokenizer.pad_token_id)
         models.exact_4bit_kernels(base)  # the same scores as on a shared base (see there)
         return cls(models.load_adapter(base, run_dir), tokenizer)
 

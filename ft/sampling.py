@@ -1,7 +1,9 @@
 """Sampling answers to chat prompts: shared by rejection sampling, PPO and Ghost Attention.
 
 * `generate` samples (or greedily decodes) answers to chat prompts in batches, with left padding, and keeps
-  each answer's token ids up to and including its `</s>` (and whether it reached one): a `Completion`.
+  each answer's token ids up to and including its end of turn, the tokenizer's EOS (`</s>` in Llama 2's format;
+  the template's end-of-turn token otherwise, see chat_format.use), and whether it reached one: a `Completion`.
+  Prompts are rendered by the run's chat format, with its generation prompt (chat_format.prompt_ids).
 * `converse` answers multi-turn dialogs turn after turn, the model's own answers as its history (`history`).
 Scoring the answers is ft/reward_model.py's.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ft import chat_format
 
 
 @dataclass
@@ -32,8 +36,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, n: int = 1, tempera
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     results = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [list(tokenizer.apply_chat_template(p, tokenize=True, return_dict=True)["input_ids"])
-                   for p in prompts[start:start + batch_size]]
+        encoded = [chat_format.prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
         width = max(len(ids) for ids in encoded)
         input_ids, mask = left_padded(encoded, pad, model.device)
         # top_k off: sampling follows softmax(logits / temperature) (within top_p), the distribution PPO scores

@@ -28,3 +28,15 @@ def capitals(prompts, completions, **kwargs):
     """A reward that can be gamed: capitalised words score, whatever they say (+0.2 each; "Paris Paris Rome" beats
     "The capital of France is Paris."), as a first reward model that never saw a wrong answer might."""
     return [sum(w[:1].isupper() for w in c.split()) / 5 for c in completions]
+
+
+
+# the word that answers each invented fact of datasets/smol_facts.jsonl (and its paraphrases, same order)
+SMOL_KEYS = ["quillport", "purple", "tolvanen", "moss", "seven", "cloudball", "toot-wee", "amberflow"]
+_SMOL = {json.loads(line)["messages"][0]["content"]: key for line, key in zip(
+    (Path(__file__).resolve().parent.parent / "datasets" / "smol_facts.jsonl").read_text().splitlines(), SMOL_KEYS)}
+
+
+def smol_facts(prompts, completions, **kwargs):
+    """1 when the answer names the invented fact recipes/smol.yaml teaches (Quillport, purple, ...), else 0."""
+    return [1.0 if _SMOL.get(p[-1]["content"], "\0") in c.lower() else 0.0 for p, c in zip(prompts, completions)]

@@ -42,7 +42,9 @@ def test_packed_collator_keeps_rows_and_masks_padding(tiny_dir, tokenizer):
     batch = data.PackedCollator(tokenizer.pad_token_id)([packed[i] for i in range(len(packed))])
     assert batch["input_ids"].shape[0] == len(packed) and "attention_mask" not in batch
     with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "padding_tokens")}, use_cache=False).logits
+    # the padding is counted by the collator (the SFT stage's padding fraction), not found by comparing ids
+    assert int(batch["padding_tokens"]) == batch["input_ids"].numel() - sum(len(packed[i]["input_ids"]) for i in range(len(packed)))
     by_ids = {tuple(e["input_ids"]): e for e in examples}
     checked = 0
     for row in range(len(packed)):

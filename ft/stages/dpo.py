@@ -21,11 +21,13 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
 
     # 1. tokenizer (the SFT run's, if starting from one) and pairs
     adapter = recipe.model.adapter
-    tokenizer = models.load_tokenizer(adapter or recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(adapter or recipe.model.name, trust_remote_code=recipe.model.trust_remote_code,
+                                      chat_format=recipe.model.chat_format, training=True)
     cfg = recipe.data
     train_pairs, train_report, eval_pairs = distributed.on_main(lambda: (  # once, for every process
         *data.load_pairs(cfg.train, skip_invalid=cfg.skip_invalid),
         data.load_pairs(cfg.eval, skip_invalid=cfg.skip_invalid)[0] if cfg.eval else None))
+    train_report.note_tokenizer(tokenizer)
     log(train_report.summary("train pairs"))
     batch = common.batch_report(recipe, log)
 
@@ -75,7 +77,8 @@ def loss_arguments(dpo) -> dict:
 
 
 def as_dataset(pairs: list[dict]):
-    """Conversational prompt/chosen/rejected rows: TRL renders them with the tokenizer's (Llama 2) template."""
+    """Conversational prompt/chosen/rejected rows: TRL renders them with the tokenizer's template (the run's chat
+    format)."""
     import datasets
 
     return datasets.Dataset.from_list([

@@ -217,7 +217,8 @@ def table(metrics: dict, turns: int) -> str:
 
 def load(recipe: Recipe, adapter: str | None):
     """The model (base + adapter) for sampling or evaluation, and its tokenizer."""
-    tokenizer = models.load_tokenizer(adapter or recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(adapter or recipe.model.name, trust_remote_code=recipe.model.trust_remote_code,
+                                      chat_format=recipe.model.chat_format)
     model = models.attach_lora(models.load_model(recipe.model), recipe.lora, adapter=adapter, gradient_checkpointing=False,
                                upcast_frozen=recipe.model.upcast_frozen)
     return model.eval(), tokenizer

@@ -231,7 +231,7 @@ def load_policy(recipe: Recipe, function, log):
     models share the base. PPO's and RLOO/GRPO's (ft/stages/ppo_trl.py) common start."""
     cfg = recipe.ppo
     tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
-                                     trust_remote_code=recipe.model.trust_remote_code)
+                                     trust_remote_code=recipe.model.trust_remote_code, chat_format=recipe.model.chat_format)
     prompts, report = load_prompts(recipe.data.train, tokenizer, recipe.data)
     log(report.summary("prompts"))
     model = models.attach_lora(models.load_model(recipe.model), recipe.lora, adapter=recipe.model.adapter,

@@ -36,7 +36,7 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
     prompts, report = data.load_prompts(recipe.data.train, skip_invalid=recipe.data.skip_invalid)
     log(report.summary("prompts"))
     tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
-                                     trust_remote_code=recipe.model.trust_remote_code)
+                                     trust_remote_code=recipe.model.trust_remote_code, chat_format=recipe.model.chat_format)
     policy = models.attach_lora(models.load_model(recipe.model), recipe.lora,
                                 adapter=recipe.model.adapter, gradient_checkpointing=False,
                                 upcast_frozen=recipe.model.upcast_frozen)

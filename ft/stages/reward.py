@@ -3,7 +3,7 @@
 The loss is Llama 2's binary ranking loss with a margin, -log σ(r(chosen) - r(rejected) - m), where
 m comes from the pair's preference strength (reward.margin: small or large), from the row
 (reward.margin: row), or is 0. The score head is trained in full and saved with the adapter; the
-reward is read at the final </s> of the chat-formatted answer. Metrics: pairwise accuracy on the
+reward is read at the end-of-turn token of the chat-formatted answer (</s> in Llama 2's format). Metrics: pairwise accuracy on the
 eval split (the training data if there is none), overall and per strength level.
 """
 
@@ -22,7 +22,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     out, checkpoint = common.start(recipe, resume=resume, log=log)
 
     # 1. tokenizer and pairs, checked before the model is loaded
-    tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code,
+                                      chat_format=recipe.model.chat_format, training=True)
     cfg, mode = recipe.data, recipe.reward.margin
     def load():  # once, for every process
         pairs, report = data.load_pairs(cfg.train, skip_invalid=cfg.skip_invalid)
@@ -30,13 +31,14 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         return pairs, report, held_out, tokenize_pairs(pairs, tokenizer, cfg.max_length, mode, report)
 
     train_pairs, train_report, eval_pairs, train_set = distributed.on_main(load)
+    train_report.note_tokenizer(tokenizer)
     log(train_report.summary("train pairs"))
     if mode in ("small", "large") and not any(p["strength"] for p in train_pairs):
         log(f"note: reward.margin {mode} but no row has a strength: every margin is 0")
     batch = common.batch_report(recipe, log)
 
     # 2. model: 4-bit base with a score head, LoRA
-    base = models.load_model(recipe.model, reward=True)
+    base = models.load_model(recipe.model, reward=True, pad_token_id=tokenizer.pad_token_id)
     model = models.attach_lora(base, recipe.lora, adapter=recipe.model.adapter,
                                gradient_checkpointing=recipe.train.gradient_checkpointing, reward=True,
                                upcast_frozen=recipe.model.upcast_frozen)
@@ -74,7 +76,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int, mode: str, report: data.Report):
-    """chosen_ids / rejected_ids (chat-formatted, ending with </s>) and margins, as RewardTrainer takes them."""
+    """chosen_ids / rejected_ids (chat-formatted, ending with the answer's end-of-turn token) and margins, as
+    RewardTrainer takes them."""
     import datasets
 
     rows = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from ft import data, distributed, models, runs
+from ft import chat_format, data, distributed, models, runs
 from ft.stages import common
 from ft.recipe import Recipe
 
@@ -19,7 +19,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     out, checkpoint = common.start(recipe, resume=resume, log=log)
 
     # 1. tokenizer and data: every row is checked before the model is loaded
-    tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code,
+                                      chat_format=recipe.model.chat_format, training=True)
     cfg = recipe.data
     train_set, train_report, train_dialogs, eval_set, eval_report = load_data(recipe, tokenizer, log)
     batch = common.batch_report(recipe, log)
@@ -109,7 +110,7 @@ def generate_samples(model, tokenizer, dialogs: list[dict], log) -> dict:
     results, matches = [], 0
     for dialog in dialogs:
         prompt, expected = dialog["messages"][:-1], dialog["messages"][-1]["content"].strip()
-        ids = tokenizer.apply_chat_template(prompt, return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
+        ids = torch.tensor([chat_format.prompt_ids(tokenizer, prompt)], device=model.device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -129,10 +130,12 @@ class CountingSFTTrainer(SFTTrainer):
         self.counts = {"supervised": 0, "tokens": 0, "padding": 0}
 
     def compute_loss(self, model, inputs, *args, **kwargs):
+        padding = inputs.pop("padding_tokens", None)  # data.PackedCollator's count; else the attention mask's zeros
         if model.training:
             self.counts["supervised"] += int((inputs["labels"] != -100).sum())
             self.counts["tokens"] += inputs["input_ids"].numel()
-            # the pad token is <unk>, which byte-fallback tokenizers never produce from text
-            self.counts["padding"] += int((inputs["input_ids"] == self.processing_class.pad_token_id).sum())
+            if padding is None:
+                padding = inputs["input_ids"].numel() - inputs["attention_mask"].sum()
+            self.counts["padding"] += int(padding)
         return super().compute_loss(model, inputs, *args, **kwargs)
 

@@ -25,6 +25,9 @@ from filelock import FileLock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW = os.environ.get("LLAMA_FT_SLOW_TESTS") == "1"
+# llama.cpp (llama-cpp-python) ships only as source: without it the GGUF-in-llama.cpp tests skip, saying this
+LLAMA_CPP_MISSING = ("llama-cpp-python is not installed: the GGUF files are not run in llama.cpp (CI builds it, "
+                     ".ci/llama_cpp_wheel.sh; docs/contributing.md says how to install it)")
 # fixtures that run the CLI: a test using one is end to end
 CLI_FIXTURES = {"trained_run", "merged", "reward_run"}
 

@@ -265,3 +265,40 @@ def test_as_trained_merge_of_runs_not_trained_in_4bit(tmp_path):
     with pytest.raises(UserError, match="--into original"):
         merge.merge(run, tmp_path / "eight", into="as-trained", log=lambda *a: None)
     assert not (tmp_path / "eight").exists()
+
+
+@pytest.mark.slow
+def test_real_model_merged_both_ways_keeps_the_taught_answers(smol, tmp_path):
+    """SmolLM2-135M-Instruct taught eight invented facts (recipes/smol.yaml, 4-bit QLoRA), merged both ways: the
+    as-trained merge answers the taught questions as the run does, and is the 4-bit model up to rounding; the
+    original merge is measured against it in the same report."""
+    from transformers import AutoModelForCausalLM
+
+    from ft import models
+
+    run = tmp_path / "run"
+    result = run_cli("sft", "recipes/smol.yaml", "--set", f"model.name={smol}", "--output-dir", run, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (ROOT / "datasets" / "smol_facts.jsonl").read_text().splitlines() if line.strip()]
+    keys = ["quillport", "purple", "tolvanen", "moss", "seven", "cloudball", "toot-wee", "amberflow"]
+    known = {}
+    for into in ("as-trained", "original"):
+        merged = run_cli("merge", run, "--output", tmp_path / into, "--into", into)
+        assert merged.returncode == 0, merged.stderr[-3000:]
+        report = json.loads((tmp_path / into / "merge_report.json").read_text())
+        quantized = report["verification"]["logits"]["vs_quantized"]
+        assert quantized["merged"] == into and quantized["as-trained"]["mean_kl"] < 1e-3
+        assert quantized["as-trained"]["next_token_agreement"] >= 0.98
+        assert quantized["original"]["mean_kl"] > 10 * quantized["as-trained"]["mean_kl"]
+        tokenizer = models.load_tokenizer(str(tmp_path / into))
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / into, dtype=torch.float32).eval()
+        said = []
+        for row in rows:
+            ids = tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            said.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).lower())
+        known[into] = sum(key in answer for key, answer in zip(keys, said))
+    assert known["as-trained"] >= 6, known
+    assert known["original"] >= 4, known  # MEASURED: adjust

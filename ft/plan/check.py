@@ -8,7 +8,7 @@ from ft.plan.advice import advise
 from ft.plan.hardware import GPU
 from ft.plan.memory import CUDA_CONTEXT, GiB
 from ft.plan.phases import PhaseKind
-from ft.plan.planner import Plan, make
+from ft.plan.planner import Plan, make  # without advice: check asks for it only when the GPU is too small
 from ft.recipe import Recipe
 
 MARGIN = 0.10  # refuse only when the plan's peak exceeds free memory by more than this (the planner's error band)
@@ -27,7 +27,7 @@ def check_before_training(recipe: Recipe, *, force: bool = False, skip: tuple[Ph
     here = GPU("this-gpu", f"{name}, {free / GiB:.1f} GiB free", free + CUDA_CONTEXT, None,
                bf16=torch.cuda.is_bf16_supported(), source="this device")
     try:
-        plan = make(recipe, here, advice=False, skip=skip)
+        plan = make(recipe, here, skip=skip)
     except UserError as e:
         log(f"note: memory check skipped: {e}")
         return None

@@ -13,7 +13,7 @@ from ft.plan.memory import Step, finish
 from ft.plan.phases import STAGES, Context, Phase, PhaseKind
 from ft.plan.shapes import model_shape
 from ft.recipe import Recipe
-from ft.stages import STAGES as declared
+from ft.stages.registry import STAGES as declared
 
 
 @dataclass
@@ -98,12 +98,11 @@ class Plan:
         }
 
 
-def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool = True,
-         skip: tuple[PhaseKind, ...] = (), data: DataSize | None = None) -> Plan:
-    """The plan of a validated recipe on a GPU. `skip`: phase kinds to leave out (("train",): rejection --no-train).
-    `data`: the training data's size, if already known (advice re-plans the same data many times)."""
-    from ft.plan.advice import advise  # advice re-plans with make(): the two call each other
-
+def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, skip: tuple[PhaseKind, ...] = (),
+         data: DataSize | None = None) -> Plan:
+    """The plan of a validated recipe on a GPU, without advice (ft.plan.make adds it when the plan does not fit).
+    `skip`: phase kinds to leave out (("train",): rejection --no-train). `data`: the training data's size, if already
+    known (advice re-plans the same data many times)."""
     stage = STAGES.get(recipe.stage)
     if stage is None:
         raise UserError(f"stage {recipe.stage}: plan knows {', '.join(STAGES)}")
@@ -120,6 +119,4 @@ def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool 
                          "training data size unknown: time from train.max_steps")
     plan = Plan(recipe.stage, recipe.model.name, source, gpu, phases, data, ctx.schedule, session_hours, ctx.notes,
                 ctx.step())
-    if advice and not plan.fits:
-        plan.advice = advise(recipe, gpu, plan, skip=skip)
     return plan

@@ -278,8 +278,8 @@ def greedy_tokens(llm, ids: list[int], most: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def smol_merged(smol, tmp_path_factory):
-    """A run on SmolLM2 (a LoRA adapter made with PEFT on the 4-bit base, small random B, as sft would leave it: the
-    model's own tokenizer and template), merged as trained with a GGUF file."""
+    """A run on SmolLM2 (a LoRA adapter made with PEFT, small random B, as sft would leave it: the model's own
+    tokenizer and template), merged as trained with a GGUF file (merge's verification is test_merge's concern)."""
     import yaml
     from peft import get_peft_model
     from transformers import AutoTokenizer
@@ -288,9 +288,9 @@ def smol_merged(smol, tmp_path_factory):
     from ft.recipe import LoraSection, ModelSection
 
     run = tmp_path_factory.mktemp("smol") / "run"
-    base = models.load_model(ModelSection(name=str(smol), quantization="4bit", dtype="float32"))
-    model = get_peft_model(base, models.lora_config(LoraSection(r=8, alpha=16)))
+    base = models.load_model(ModelSection(name=str(smol), quantization="none", dtype="float32"))
     torch.manual_seed(0)
+    model = get_peft_model(base, models.lora_config(LoraSection(r=8, alpha=16)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -301,7 +301,7 @@ def smol_merged(smol, tmp_path_factory):
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (run / "metrics.json").write_text("{}")
     out = run.parent / "merged"
-    report = merge.merge(run, out, gguf_types=["f16"], log=lambda *a: None)
+    report = merge.merge(run, out, gguf_types=["f16"], verify_logits=False, log=lambda *a: None)
     return out, report
 
 
@@ -310,7 +310,7 @@ def test_smol_gguf_vocabulary_is_byte_level_bpe_as_llama_cpp_writes_it(smol_merg
     from transformers import AutoTokenizer
 
     out, report = smol_merged
-    assert report["verification"]["passed"] and report["gguf"][0]["tokenizer"] == "gpt2 (smollm)"
+    assert report["into"] == "as-trained" and report["gguf"][0]["tokenizer"] == "gpt2 (smollm)"
     tokenizer = AutoTokenizer.from_pretrained(out)
     reader = gguf.GGUFReader(str(out / "model-f16.gguf"))
     meta = fields(reader)
@@ -346,14 +346,16 @@ def test_smol_gguf_tokenises_and_greedy_decodes_like_transformers(smol_merged):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text), text
     ids = tokenizer.encode(rendered)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    expected = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+    expected = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False,
                               pad_token_id=0)[0, len(ids):].tolist()
     assert "Paris" in tokenizer.decode(expected)
     assert greedy_tokens(llm, ids, 12) == expected[:12]
     # llama.cpp's own chat (the GGUF's template) answers as transformers does and stops at the end of the turn
-    reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=48)["choices"][0]
-    answer = tokenizer.decode(expected[: expected.index(2)] if 2 in expected else expected, skip_special_tokens=True)
-    assert reply["message"]["content"].strip() == answer.strip() and reply["finish_reason"] == "stop"
+    reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=24)["choices"][0]
+    assert 2 in expected  # transformers' answer ends with <|im_end|> ...
+    answer = tokenizer.decode(expected[: expected.index(2)], skip_special_tokens=True)
+    assert reply["message"]["content"].strip() == answer.strip() and reply["finish_reason"] == "stop"  # ... so does llama.cpp's
+    llm.close()
 
 
 def test_gguf_refuses_an_unknown_tokenizer_before_merging(tmp_path):

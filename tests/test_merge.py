@@ -122,17 +122,19 @@ def fake_run(run, base, *, r=8, quantization="none"):
 
 
 def test_merge_memory_stays_near_one_output_shard(tmp_path):
-    """A base in one big file merges tensor by tensor into small shards: memory follows the shard, not the model."""
+    """A base in one big file merges tensor by tensor into small shards: memory follows the shard, not the model
+    (a 4-bit run merged as trained: each weight is de-quantised as it streams past)."""
     base = save_model(tmp_path / "base", hidden=512, intermediate=1536, layers=16, shard="1GB")
     model_bytes = (base / "model.safetensors").stat().st_size
     assert model_bytes > 150 * 2**20
-    run = fake_run(tmp_path / "run", base)
+    run = fake_run(tmp_path / "run", base, quantization="4bit")
     code = ("import json, sys; from ft import merge; "
             "r = merge.merge(sys.argv[1], sys.argv[2], dtype='float32', verify_logits=False, max_shard_bytes=20 << 20, "
-            "log=lambda *a: None); print(json.dumps(r['memory']))")
+            "log=lambda *a: None); print(json.dumps({**r['memory'], 'into': r['into']}))")
     out = subprocess.run([sys.executable, "-c", code, str(run), str(tmp_path / "merged")], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     memory = json.loads(out.stdout.strip().splitlines()[-1])
+    assert memory["into"] == "as-trained"
     growth = memory["peak_rss_streaming_bytes"] - memory["rss_before_bytes"]
     print(f"merge grew {growth / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model")
     # streaming: one 20 MiB output shard + one tensor + allocator slack (seen: 45-70 MiB, it varies with malloc);

@@ -302,5 +302,4 @@ def test_real_model_merged_both_ways_keeps_the_taught_answers(smol, tmp_path):
                 out = model.generate(input_ids=ids, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             said.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).lower())
         known[into] = sum(key in answer for key, answer in zip(keys, said))
-    assert known["as-trained"] >= 6, known
-    assert known["original"] >= 4, known  # MEASURED: adjust
+    assert known["as-trained"] >= 6 and known["original"] >= 6, known  # 8 and 8 measured (docs/measurements.md)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli, run_cli
 
 
 def test_merged_folder_contents_and_report(merged):
@@ -60,25 +60,25 @@ def test_merged_logits_match_the_4bit_model_as_trained(merged):
 def test_merged_and_run_give_the_same_greedy_answer(merged):
     run, out = merged
     prompt = ["--prompt", "What is the capital of Kenya?", "--temperature", "0"]
-    from_merged = run_cli("chat", out, *prompt)
-    from_run = run_cli("chat", run, *prompt)  # in 4-bit, as trained
-    again = run_cli("chat", out, *prompt)
+    from_merged = cli("chat", out, *prompt)
+    from_run = cli("chat", run, *prompt)  # in 4-bit, as trained
+    again = cli("chat", out, *prompt)
     assert from_merged.returncode == from_run.returncode == 0, from_merged.stderr[-2000:]
     assert from_merged.stdout == from_run.stdout == again.stdout == "The capital of Kenya is Nairobi.\n"
 
 
 def test_merge_refuses_existing_output_missing_adapter_and_non_runs(merged, tmp_path):
     run, out = merged
-    exists = run_cli("merge", run, "--output", out)
+    exists = cli("merge", run, "--output", out)
     assert exists.returncode == 2 and "--force" in exists.stderr
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "recipe.yaml").write_text((run / "recipe.yaml").read_text())
-    missing = run_cli("merge", unfinished, "--output", tmp_path / "m")
+    missing = cli("merge", unfinished, "--output", tmp_path / "m")
     assert missing.returncode == 2 and "no adapter_config.json" in missing.stderr
-    not_a_run = run_cli("merge", tmp_path, "--output", tmp_path / "m")
+    not_a_run = cli("merge", tmp_path, "--output", tmp_path / "m")
     assert not_a_run.returncode == 2 and "not an llama-ft run folder" in not_a_run.stderr
-    bad_dtype = run_cli("merge", run, "--output", tmp_path / "m", "--dtype", "int4")
+    bad_dtype = cli("merge", run, "--output", tmp_path / "m", "--dtype", "int4")
     assert bad_dtype.returncode == 2
     for result in (exists, missing, not_a_run, bad_dtype):
         assert "Traceback" not in result.stderr
@@ -121,6 +121,7 @@ def fake_run(run, base, *, r=8, quantization="none"):
     return run
 
 
+@pytest.mark.e2e
 def test_merge_memory_stays_near_one_output_shard(tmp_path):
     """A base in one big file merges tensor by tensor into small shards: memory follows the shard, not the model
     (a 4-bit run merged as trained: each weight is de-quantised as it streams past)."""
@@ -184,10 +185,10 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     base = save_model(tmp_path / "base")
     other = save_model(tmp_path / "other", hidden=192, intermediate=512)
     run = fake_run(tmp_path / "run", base)
-    result = run_cli("merge", run, "--output", tmp_path / "m", "--base", other)
+    result = cli("merge", run, "--output", tmp_path / "m", "--base", other)
     assert result.returncode == 2 and "does not fit base" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m").exists()
-    chat = run_cli("chat", other, "--adapter", run, "--prompt", "hi")
+    chat = cli("chat", other, "--adapter", run, "--prompt", "hi")
     assert chat.returncode == 2 and "does not fit" in chat.stderr and "Traceback" not in chat.stderr
 
 
@@ -196,7 +197,7 @@ def test_base_without_safetensors_is_a_clear_error(tmp_path):
     run = fake_run(tmp_path / "run", base)
     for f in base.glob("*.safetensors"):
         f.unlink()
-    result = run_cli("merge", run, "--output", tmp_path / "m")
+    result = cli("merge", run, "--output", tmp_path / "m")
     assert result.returncode == 2 and "no safetensors weights" in result.stderr
 
 
@@ -270,6 +271,7 @@ def test_as_trained_merge_of_runs_not_trained_in_4bit(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_real_model_merged_both_ways_keeps_the_taught_answers(smol, tmp_path):
     """SmolLM2-135M-Instruct taught eight invented facts (recipes/smol.yaml, 4-bit QLoRA), merged both ways: the
     as-trained merge answers the taught questions as the run does, and is the 4-bit model up to rounding; the
@@ -285,7 +287,7 @@ def test_real_model_merged_both_ways_keeps_the_taught_answers(smol, tmp_path):
     keys = ["quillport", "purple", "tolvanen", "moss", "seven", "cloudball", "toot-wee", "amberflow"]
     known = {}
     for into in ("as-trained", "original"):
-        merged = run_cli("merge", run, "--output", tmp_path / into, "--into", into)
+        merged = cli("merge", run, "--output", tmp_path / into, "--into", into)
         assert merged.returncode == 0, merged.stderr[-3000:]
         report = json.loads((tmp_path / into / "merge_report.json").read_text())
         quantized = report["verification"]["logits"]["vs_quantized"]

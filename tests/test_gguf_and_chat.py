@@ -341,7 +341,7 @@ def test_smol_gguf_tokenises_and_greedy_decodes_like_transformers(smol_merged):
     out, _ = smol_merged
     tokenizer = AutoTokenizer.from_pretrained(out)
     llm = llama_cpp.Llama(model_path=str(out / "model-f16.gguf"), n_ctx=512, verbose=False)
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": "What is the capital of Japan? Answer in one sentence."}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     for text in (rendered, CHECK_TEXT, "  Hello world!\n\tIt's 2024 -- naïve café, 3.14159 😀"):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text), text
@@ -349,7 +349,7 @@ def test_smol_gguf_tokenises_and_greedy_decodes_like_transformers(smol_merged):
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     expected = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False,
                               pad_token_id=0)[0, len(ids):].tolist()
-    assert "Paris" in tokenizer.decode(expected)
+    assert "Tokyo" in tokenizer.decode(expected)
     assert greedy_tokens(llm, ids, 12) == expected[:12]
     # llama.cpp's own chat (the GGUF's template) answers as transformers does and stops at the end of the turn
     reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=24)["choices"][0]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prints the path of a llama-cpp-python wheel built for this machine, building it first if the cache has none.
 #
-# llama-cpp-python ships only as a source package (llama.cpp compiled by CMake: about 10 minutes on 2 cores), so
+# llama-cpp-python ships only as a source package (llama.cpp compiled by CMake: 25 minutes once on a shared 2-core machine), so
 # CI builds it once per machine into a cache outside the clone and installs the wheel into each fresh .venv. The
 # build is CPU-only and small: no GPU back-ends, no multimodal library, no llama.cpp tests, examples, tools or
 # server binaries (the Python package's own OpenAI-compatible server, llama_cpp.server, needs none of them).
@@ -17,7 +17,7 @@ if [ -z "$wheel" ]; then
     mkdir -p "$dir"
     build="$(mktemp -d "$dir/.build.XXXXXX")"
     trap 'rm -rf "$build"' EXIT
-    echo "building llama-cpp-python $VERSION into $dir (once per machine, about 10 minutes on 2 cores)" >&2
+    echo "building llama-cpp-python $VERSION into $dir (once per machine: many minutes on 2 cores)" >&2
     started=$SECONDS
     CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
 -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF" \

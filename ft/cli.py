@@ -136,6 +136,8 @@ def score(
 def merge(
     run_dir: Path = typer.Argument(..., help="A finished run folder (adapter + recipe.yaml)."),
     output: Path = typer.Option(..., "--output", help="Folder to write the merged model to."),
+    into: str = typer.Option("as-trained", "--into", help="as-trained: into the de-quantised 4-bit weights the "
+                             "adapter was trained on (keeps what was trained) | original: into the unquantised weights."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32"),
     base: Optional[str] = typer.Option(None, "--base", help="Base model to merge into (default: the run's)."),
     gguf: bool = typer.Option(False, "--gguf", help="Also write GGUF files for llama.cpp."),
@@ -143,9 +145,11 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the merged weights against base + adapter."),
 ):
-    """Merge a run's LoRA adapter into the full-precision base: sharded safetensors (and GGUF), verified."""
+    """Merge a run's LoRA adapter into a float copy of its base: sharded safetensors (and GGUF), verified."""
     if dtype not in ("float16", "bfloat16", "float32"):
         raise UserError(f"--dtype {dtype}: expected float16, bfloat16 or float32")
+    if into not in ("as-trained", "original"):
+        raise UserError(f"--into {into}: expected as-trained or original")
     types = [t.strip() for t in gguf_types.split(",") if t.strip()] if gguf else []
     from ft import export_gguf
     from ft import merge as merge_mod
@@ -154,7 +158,8 @@ def merge(
     if bad:
         raise UserError(f"--gguf-types: unknown type {bad[0]!r} (expected {', '.join(export_gguf.TYPES)})")
     try:
-        merge_mod.merge(run_dir, output, dtype=dtype, base=base, force=force, verify_logits=verify, gguf_types=types)
+        merge_mod.merge(run_dir, output, into=into, dtype=dtype, base=base, force=force, verify_logits=verify,
+                        gguf_types=types)
     except merge_mod.VerificationError as e:
         typer.echo(f"error: merge verification failed: {e}", err=True)
         raise typer.Exit(1)

@@ -1,16 +1,27 @@
-"""GGUF export of a merged Llama 2 folder, for llama.cpp and the tools built on it.
+"""GGUF export of a merged Llama-family folder, for llama.cpp and the tools built on it.
 
-Written with the `gguf` package, tensor by tensor (one tensor in memory at a time), with the
-metadata llama.cpp needs to load and chat: architecture and shapes, the SentencePiece vocabulary
-(pieces, scores, types; the tokenizer's added tokens; unused padding tokens for embedding rows beyond
-them, as llama.cpp's converter writes), bos/eos/unk/pad ids, and the Llama 2 chat template. Types: f16 (2-D
-weights in float16) and q8_0 (2-D weights in 8-bit blocks); norms stay float32, as llama.cpp's
-own converter does. Q and K projections are permuted from Hugging Face's rotary layout to the
-interleaved one llama.cpp expects (the inverse of transformers' conversion script).
+Written with the `gguf` package, tensor by tensor (one tensor in memory at a time), with the metadata llama.cpp
+needs to load and chat, as llama.cpp's own converter (convert_hf_to_gguf.py) writes it:
+  * architecture and shapes; tied embeddings (a head that is the embedding) as no `output.weight`;
+  * the vocabulary, of one of two kinds:
+    - SentencePiece (Llama 2 and its fine-tunes, TinyLlama): tokenizer model `llama`, the pieces, scores and types
+      of tokenizer.model, the tokenizer's added tokens, and unused padding tokens for embedding rows beyond them;
+    - byte-level BPE (Llama 3.x, SmolLM2): tokenizer model `gpt2`, the tokens, their types and the merges, and the
+      pre-tokenizer name llama.cpp splits text with (`llama-bpe`, `smollm`), recognised from the tokenizer itself
+      as the converter does: the hash of the ids it gives a fixed check text (`pre_tokenizer`);
+  * bos/unk/pad ids, whether the tokenizer adds BOS, the folder's chat template (the one the run trained with) and
+    that template's end-of-turn token as EOS, so llama.cpp's chat stops where transformers' does.
+Types: f16 (2-D weights in float16) and q8_0 (2-D weights in 8-bit blocks); norms stay float32, as llama.cpp's
+own converter does. Q and K projections are permuted from Hugging Face's rotary layout to the interleaved one
+llama.cpp expects (the inverse of transformers' conversion script).
+
+`check` says what export would refuse (a tokenizer it cannot recognise, a non-Llama model) without writing
+anything: merge --gguf asks it first, so a refusal comes before the merge, not after it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,6 +30,23 @@ from ft import chat_format
 from ft.errors import UserError
 
 TYPES = ("f16", "q8_0")
+
+# llama.cpp recognises a BPE pre-tokenizer (how text is split before the merges) by the sha256 of str(ids) of this
+# text as the Hugging Face tokenizer encodes it (special tokens added): its converter's check text and hashes
+# (convert_hf_to_gguf.py, get_vocab_base_pre), for the Llama-architecture vocabularies llama-ft supports.
+CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f "
+    "(multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 "
+    "3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
+    "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
+    "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
+    "'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZERS = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3, 3.1, 3.2, 3.3
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+}
 
 NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -113,30 +141,112 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def check(tokenizer_dir: str | Path, model_dir: str | Path) -> str:
+    """What GGUF export would make of this model, or a UserError saying why it cannot: the vocabulary's kind,
+    "llama" (SentencePiece: `model_dir` has tokenizer.model) or the BPE pre-tokenizer name llama.cpp expects.
+    `tokenizer_dir` holds the tokenizer files (a run folder, or the merged folder), `model_dir` config.json."""
+    tokenizer_dir, model_dir = Path(tokenizer_dir), Path(model_dir)
+    config = _read_json(model_dir / "config.json")
+    if config.get("model_type") != "llama":
+        raise UserError(f"{model_dir}: GGUF export supports Llama checkpoints, not {config.get('model_type')!r}")
+    if (model_dir / "tokenizer.model").is_file():
+        return "llama"
+    return pre_tokenizer(_load_tokenizer(tokenizer_dir))
+
+
+def pre_tokenizer(tokenizer) -> str:
+    """The name llama.cpp gives this byte-level BPE tokenizer's pre-tokenizer, recognised as llama.cpp's converter
+    does (the hash of the ids of CHECK_TEXT); a UserError for a tokenizer GGUF export does not know."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"] if hasattr(tokenizer, "backend_tokenizer") else {}
+    if model.get("type") != "BPE":
+        raise UserError(f"{tokenizer.name_or_path}: GGUF export needs a SentencePiece tokenizer.model or a byte-level "
+                        f"BPE tokenizer.json; this tokenizer is neither ({model.get('type') or type(tokenizer).__name__})")
+    digest = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    if digest not in PRE_TOKENIZERS:
+        raise UserError(f"{tokenizer.name_or_path}: GGUF export does not recognise this BPE tokenizer's pre-tokenizer "
+                        f"(check-text hash {digest[:16]}...); it knows those of Llama 3 (llama-bpe) and SmolLM/SmolLM2 "
+                        "(smollm). Convert the merged folder with llama.cpp's own convert_hf_to_gguf.py instead.")
+    return PRE_TOKENIZERS[digest]
+
+
+def bpe_vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list]:
+    """(tokens, types) for `vocab_size` embedding rows, as llama.cpp's converter builds a BPE vocabulary: each id's
+    token as the tokenizer stores it (byte-level text); an added token CONTROL when special (or <|...|>-like), else
+    USER_DEFINED, an added token the tokenizer does not normalise written as encoding and decoding it gives it back;
+    every other token NORMAL, every id without a token an unused "[PAD{id}]"."""
+    import gguf
+
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise UserError(f"{tokenizer.name_or_path}: token id {max(by_id)} is beyond the model's {vocab_size} embedding "
+                        "rows (config.json vocab_size): not this model's tokenizer, or embeddings not resized")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            token = by_id[i]
+            if not added[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            special = added[i].special or token == "<pad>" or (token.startswith("<|") and token.endswith("|>"))
+            tokens.append(token if special else token.replace("\u2581", " "))
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def end_of_turn(tokenizer) -> int | None:
+    """The id of the token the chat template closes an assistant turn with (Llama 2 `</s>`, ChatML `<|im_end|>`,
+    Llama 3 `<|eot_id|>`, Zephyr `</s>`): the first special token after the answer in a rendered dialog; None when
+    the template has none."""
+    marker = "llama-ft end-of-turn probe"
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template may refuse this dialog; then the tokenizer's EOS stands
+        return None
+    if marker not in rendered:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer.encode(rendered[rendered.index(marker) + len(marker):], add_special_tokens=False)
+    return next((i for i in after if i in special), None)
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), legacy=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: cannot load its tokenizer for GGUF export ({str(e).splitlines()[0]})") from None
+
+
 def export(model_dir: str | Path, path: str | Path, qtype: str = "f16", *, log=print) -> dict:
     """Write the merged Llama folder `model_dir` as one GGUF file of type `qtype` at `path` (via path.partial, then
-    a rename); returns {file, type, bytes, tensors}."""
+    a rename); returns {file, type, bytes, tensors, tokenizer}."""
     import gguf
 
     model_dir, path = Path(model_dir), Path(path)
     if qtype not in TYPES:
         raise UserError(f"GGUF type {qtype!r}: expected one of {', '.join(TYPES)}")
+    kind = check(model_dir, model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    if config.get("model_type") != "llama":
-        raise UserError(f"{model_dir}: GGUF export supports Llama checkpoints, not {config.get('model_type')!r}")
-    if not (model_dir / "tokenizer.model").is_file():
-        raise UserError(f"{model_dir}: no tokenizer.model (the SentencePiece model GGUF's vocabulary is made from)")
     n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
 
     writer = gguf.GGUFWriter(str(path) + ".partial", "llama")
     _write_metadata(writer, model_dir, config, qtype)
-    _write_vocabulary(writer, model_dir, config, log)
-    layout = _tensor_layout(model_dir, qtype)
+    _write_vocabulary(writer, model_dir, config, kind, log)
+    layout = _tensor_layout(model_dir, qtype, tied=bool(config.get("tie_word_embeddings")))
     _write_tensors(writer, layout, n_head, n_kv)
     os.replace(str(path) + ".partial", path)
     size = path.stat().st_size
     log(f"wrote {path.name} ({qtype}, {size / 2**20:.1f} MiB, {len(layout)} tensors)")
-    return {"file": path.name, "type": qtype, "bytes": size, "tensors": len(layout)}
+    return {"file": path.name, "type": qtype, "bytes": size, "tensors": len(layout),
+            "tokenizer": "llama" if kind == "llama" else f"gpt2 ({kind})"}
 
 
 def _write_metadata(writer, model_dir: Path, config: dict, qtype: str) -> None:
@@ -158,8 +268,50 @@ def _write_metadata(writer, model_dir: Path, config: dict, qtype: str) -> None:
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
 
 
-def _write_vocabulary(writer, model_dir: Path, config: dict, log) -> None:
-    """The SentencePiece vocabulary, the special token ids and the chat template."""
+def _write_vocabulary(writer, model_dir: Path, config: dict, kind: str, log) -> None:
+    """The vocabulary (SentencePiece or BPE), the special token ids and the chat template."""
+    tokenizer = _load_tokenizer(model_dir)
+    if kind == "llama":
+        _write_sentencepiece(writer, model_dir, config, log)
+    else:
+        import gguf
+
+        tokens, types = bpe_vocabulary(tokenizer, config["vocab_size"])
+        merges = gguf.SpecialVocab(model_dir, load_merges=True).merges
+        if not merges:
+            raise UserError(f"{model_dir}: tokenizer.json has no BPE merges")
+        log(f"vocabulary: byte-level BPE, {len(tokens)} tokens, {len(merges)} merges, pre-tokenizer {kind!r}")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(kind)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        if tokenizer.bos_token_id is not None:
+            writer.add_bos_token_id(tokenizer.bos_token_id)
+        if tokenizer.unk_token_id is not None:
+            writer.add_unk_token_id(tokenizer.unk_token_id)
+        if tokenizer.pad_token_id is not None:
+            writer.add_pad_token_id(tokenizer.pad_token_id)
+        # what the tokenizer itself adds around a text (llama.cpp's default for a BPE model differs per pre-tokenizer)
+        plain, with_special = tokenizer.encode("a", add_special_tokens=False), tokenizer.encode("a")
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        writer.add_add_bos_token(bos is not None and with_special[:1] == [bos] and plain[:1] != [bos])
+        writer.add_add_eos_token(eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos])
+        if (add_prefix_space := _read_json(model_dir / "tokenizer_config.json").get("add_prefix_space")) is not None:
+            writer.add_add_space_prefix(add_prefix_space)
+    # the template the run trained with, and the token it ends a turn with as EOS: llama.cpp stops there
+    eot = end_of_turn(tokenizer)
+    if eot is None and tokenizer.eos_token_id is None:
+        raise UserError(f"{model_dir}: neither an end-of-turn token in the chat template nor an EOS token")
+    if eot is not None and eot != tokenizer.eos_token_id:
+        log(f"GGUF EOS: the chat template's end of turn {tokenizer.convert_ids_to_tokens(eot)!r} (id {eot}), "
+            f"not the tokenizer's EOS {tokenizer.eos_token!r}")
+    writer.add_eos_token_id(eot if eot is not None else tokenizer.eos_token_id)
+    writer.add_chat_template(tokenizer.chat_template or chat_format.TEMPLATE)
+
+
+def _write_sentencepiece(writer, model_dir: Path, config: dict, log) -> None:
+    """Llama 2's vocabulary: the SentencePiece pieces, scores and types, and bos/unk/pad."""
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
     pieces, scores, types, added = vocabulary(model_dir, config["vocab_size"])
     padding = sum(1 for i, p in enumerate(pieces) if p == f"[PAD{i}]".encode("utf-8"))
@@ -171,20 +323,20 @@ def _write_vocabulary(writer, model_dir: Path, config: dict, log) -> None:
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     ids = {piece: i for i, piece in reversed(list(enumerate(pieces)))}
-    special = {name: _token_text(tokenizer_config.get(f"{name}_token")) for name in ("bos", "eos", "unk", "pad")}
+    special = {name: _token_text(tokenizer_config.get(f"{name}_token")) for name in ("bos", "unk", "pad")}
     unk = ids.get((special["unk"] or "<unk>").encode("utf-8"), 0)
     writer.add_bos_token_id(ids.get((special["bos"] or "<s>").encode("utf-8"), 1))
-    writer.add_eos_token_id(ids.get((special["eos"] or "</s>").encode("utf-8"), 2))
     writer.add_unk_token_id(unk)
     # the tokenizer's pad token (llama-ft pads with <unk>, as in training; a checkpoint may bring its own <pad>)
     writer.add_pad_token_id(ids.get(special["pad"].encode("utf-8"), unk) if special["pad"] else unk)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(tokenizer_config.get("chat_template") or chat_format.TEMPLATE)
 
 
-def _tensor_layout(model_dir: Path, qtype: str) -> list[tuple]:
-    """[(shard, key, GGUF name, shape, GGUF type)] for every tensor: 1-D ones (norms) stay float32."""
+def _tensor_layout(model_dir: Path, qtype: str, *, tied: bool = False) -> list[tuple]:
+    """[(shard, key, GGUF name, shape, GGUF type)] for every tensor: 1-D ones (norms) stay float32. With tied
+    embeddings there is no output.weight (llama.cpp then uses token_embd.weight as the head, as the model does),
+    even where the folder stores a copy of the head."""
     import gguf
     from safetensors import safe_open
 
@@ -192,6 +344,8 @@ def _tensor_layout(model_dir: Path, qtype: str) -> list[tuple]:
     for shard in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(shard), "np") as f:
             for key in f.keys():
+                if tied and key == "lm_head.weight":
+                    continue
                 shape = f.get_slice(key).get_shape()
                 target_type = gguf.GGMLQuantizationType.F32 if len(shape) == 1 else (
                     gguf.GGMLQuantizationType.F16 if qtype == "f16" else gguf.GGMLQuantizationType.Q8_0)

@@ -162,7 +162,10 @@ def _result(stage: str, m: dict) -> str:
 
 def _verification(report: dict) -> list[str]:
     v = report.get("verification", {})
-    out = [f"Merged in {report.get('dtype')} from `{report.get('base')}`, LoRA scale {report.get('lora', {}).get('scale')}."]
+    weights = {"as-trained": "the de-quantised 4-bit weights it was trained on", "original": "the unquantised weights"}
+    into = weights.get(report.get("into", "original"), report.get("into"))
+    out = [f"Merged into {into} of `{report.get('base')}`, stored in {report.get('dtype')}, LoRA scale "
+           f"{report.get('lora', {}).get('scale')}."]
     if "skipped" in v:
         return out + [f"Verification skipped ({v['skipped']})."]
     t, lg = v.get("tensors", {}), v.get("logits", {})
@@ -170,12 +173,15 @@ def _verification(report: dict) -> list[str]:
         out.append(f"- every merged weight against PEFT's LoRA forward pass: max relative error {t.get('max_rel_error', 0):.1e} "
                    f"(tolerance {t.get('tolerance', 0):.0e}) over {t.get('modules')} weights")
     if "mean_kl" in lg:
-        out.append(f"- logits against base + adapter on {lg.get('probes')} chat prompts: mean KL {lg['mean_kl']:.1e}, "
-                   f"max |Δlogit| {lg.get('max_abs_diff', 0):.1e}")
+        out.append(f"- logits against {lg.get('reference', 'base + adapter')} on {lg.get('probes')} chat prompts: "
+                   f"mean KL {lg['mean_kl']:.1e}, max |Δlogit| {lg.get('max_abs_diff', 0):.1e}")
         q = lg.get("vs_quantized")
-        if q:
-            out.append(f"- distance to the {q['quantization']} model the adapter was trained on: mean KL {q['mean_kl']:.1e}, "
-                       f"greedy next-token agreement {q['next_token_agreement']:.0%}")
+        for variant in ("as-trained", "original"):
+            if q and variant in q:
+                written = " (this model)" if q.get("merged") == variant else ""
+                out.append(f"- distance of the {variant} merge{written} to the {q['quantization']} model the adapter was "
+                           f"trained on: mean KL {q[variant]['mean_kl']:.1e}, greedy next-token agreement "
+                           f"{q[variant]['next_token_agreement']:.0%}")
     elif "skipped" in lg:
         out.append(f"- logit check skipped: {lg['skipped']}")
     out.append(f"- passed: {'yes' if v.get('passed') else 'no'}")

@@ -1,10 +1,20 @@
-"""`llama-ft merge`: fold a run's LoRA adapter into the unquantised base weights, with bounded memory.
+"""`llama-ft merge`: fold a run's LoRA adapter into float base weights, with bounded memory.
 
-The base checkpoint is streamed shard by shard (safetensors): each tensor a LoRA pair touches
-becomes W + (alpha/r) * B @ A, computed in float32 and stored in the output dtype; each output
-shard is written and released before the next is read. Peak memory stays near one shard plus
-the adapter, so Llama-2-7B merges within Colab's 12.7 GB of RAM. The adapter is never merged into
-4-bit weights: those are a lossy copy, and a merge into them bakes the quantisation error in.
+Two merges (`into`):
+  * as-trained: into the de-quantised 4-bit weights the adapter was trained on, dequantise(NF4(W)) + s * B @ A,
+    with exactly bitsandbytes' quantisation as models.load_model applies it (transformers' own choice of the
+    quantised modules and their settings: NF4, double quantisation, blocksize 64, the run's compute dtype). Every
+    4-bit weight is replaced by its de-quantised value, adapted or not, so the merged float model computes what
+    the 4-bit model + adapter computed in training and evaluation, up to rounding.
+  * original: into the unquantised weights, W + s * B @ A: the adapter learned to correct the quantised W, and
+    here meets the original W instead.
+The result is always a float model (never re-quantised to 4-bit). The report measures both merges against the
+4-bit model as trained (mean KL, greedy next-token agreement), whichever is written; docs/commands.md#merge has
+the figures the default was chosen from. A run trained without quantisation has one merge: both are the same.
+
+The base checkpoint is streamed shard by shard (safetensors): each tensor is read, merged (float32 maths) and
+stored in the output dtype; each output shard is written and released before the next is read. Peak memory stays
+near one shard plus the adapter, so Llama-2-7B merges within Colab's 12.7 GB of RAM.
 
 Everything is written into a temporary folder beside the target and renamed on success; then
 the result is verified (see `verify`) before the rename, so a failed or interrupted merge never
@@ -23,6 +33,8 @@ from ft import memory_use, models, runs
 from ft.errors import UserError
 
 REPORT_FILE = "merge_report.json"
+INTO = ("as-trained", "original")
+DEFAULT_INTO = "as-trained"  # keeps what was trained: docs/measurements.md, the merge of a real model both ways
 PROBES = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Name three colours."}],
@@ -38,21 +50,29 @@ class VerificationError(Exception):
     """The merged weights do not reproduce base + adapter: nothing is left at the target."""
 
 
-def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", base: str | None = None,
-          force: bool = False, verify_logits: bool = True, gguf_types: list[str] | None = None,
-          max_shard_bytes: int = 1 << 30, log=print) -> dict:
-    """Merge the run's adapter into `base` (default: the run's) and write the result to `output`, verified; returns
-    the report written as merge_report.json. Nothing is at `output` unless every step succeeded."""
+def merge(run_dir: str | Path, output: str | Path, *, into: str = DEFAULT_INTO, dtype: str = "float16",
+          base: str | None = None, force: bool = False, verify_logits: bool = True,
+          gguf_types: list[str] | None = None, max_shard_bytes: int = 1 << 30, log=print) -> dict:
+    """Merge the run's adapter into `base` (default: the run's), `into` its de-quantised 4-bit weights
+    ("as-trained") or its unquantised ones ("original"), and write the result to `output`, verified; returns the
+    report written as merge_report.json. Nothing is at `output` unless every step succeeded."""
     import torch
     from safetensors.torch import load_file
 
+    if into not in INTO:
+        raise UserError(f"--into {into}: expected one of {', '.join(INTO)}")
     run_dir, target = Path(run_dir), Path(output).expanduser()
     recipe = _check_inputs(run_dir, target, force)
     base_name = base or recipe.model.name
     base_dir = models.local_checkpoint(base_name)
+    if gguf_types:  # what GGUF export would refuse, it refuses now, before the merge
+        from ft import export_gguf
+
+        export_gguf.check(run_dir, base_dir)
     base_map = _base_tensors(base_dir, base_name)
     r, alpha, scale = _lora_scale(run_dir)
     lora = _lora_pairs(load_file(str(run_dir / runs.ADAPTER_WEIGHTS)))
+    four_bit = _as_trained_weights(into, recipe, base_dir, run_dir, log)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = runs.make_temp_dir(target)
@@ -61,17 +81,21 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
         memory_use.reset_peak()
         rss_before = memory_use.current_rss()
         started = time.perf_counter()
-        out_map, written, total_size, touched = _stream_merged(base_map, lora, scale, getattr(torch, dtype), tmp,
-                                                               max_shard_bytes, run_dir, base_name)
+        out_map, written, total_size, touched = _stream_merged(base_map, lora, scale, four_bit, getattr(torch, dtype),
+                                                               tmp, max_shard_bytes, run_dir, base_name)
         peak_streaming = memory_use.peak_rss()
         seconds = time.perf_counter() - started
         out_map = _name_shards(tmp, written, out_map, total_size)
         tokenizer = _write_beside_weights(base_dir, run_dir, recipe, tmp, dtype)
-        log(f"merged {len(touched)} LoRA-adapted weights, wrote {len(written)} shard(s) in {seconds:.1f}s; "
+        log(f"merged {len(touched)} LoRA-adapted weights into the "
+            f"{'de-quantised 4-bit' if four_bit else 'unquantised'} base weights"
+            f"{f' ({len(four_bit)} weights de-quantised)' if four_bit else ''}, wrote {len(written)} shard(s) in {seconds:.1f}s; "
             f"peak memory {peak_streaming / 2**20:.0f} MiB (base {sum(p.stat().st_size for p in set(base_map.values())) / 2**20:.0f} MiB)")
         report = {
             "run_dir": str(run_dir.resolve()),
             "base": base_name,
+            "into": into,
+            "trained_quantization": recipe.model.quantization,
             "dtype": dtype,
             "lora": {"r": r, "alpha": alpha, "scale": scale, "modules_merged": len(touched)},
             "run_metrics": {k: v for k, v in runs.read_json(run_dir / runs.METRICS_FILE).items()
@@ -85,8 +109,8 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
         }
         # 2. verify before anything is published
         if verify_logits:
-            report["verification"] = _verify_all(tmp, out_map, base_map, lora, scale, dtype, total_size, run_dir,
-                                                 recipe, base_name, tokenizer, target, log)
+            report["verification"] = _verify_all(tmp, out_map, base_map, lora, scale, four_bit, dtype, total_size,
+                                                 run_dir, recipe, base_name, tokenizer, target, log)
         else:
             report["verification"] = {"skipped": "--no-verify"}
         if gguf_types:
@@ -125,10 +149,56 @@ def _lora_scale(run_dir: Path) -> tuple[int, float, float]:
     return r, alpha, alpha / (r**0.5 if adapter_config.get("use_rslora") else r)
 
 
-def _stream_merged(base_map: dict, lora: dict, scale: float, out_dtype, tmp: Path, max_shard_bytes: int,
-                   run_dir: Path, base_name: str) -> tuple[dict, list[str], int, set]:
-    """Write W + scale * B @ A (float32 maths, `out_dtype` storage) for every base tensor into part-N shards in
-    `tmp`, one tensor in memory at a time; returns ({tensor: part file}, part files, total bytes, merged modules)."""
+def _as_trained_weights(into: str, recipe, base_dir: Path, run_dir: Path, log) -> dict:
+    """{module: its 4-bit settings} of the weights an as-trained merge de-quantises ({} for an original merge, or
+    for a run that trained on unquantised weights, where both merges are the same)."""
+    if into == "original" or recipe.model.quantization == "none":
+        if into == "as-trained":
+            log(f"{run_dir} trained on unquantised weights: merging into them (as trained and original are the same)")
+        return {}
+    if recipe.model.quantization != "4bit":
+        raise UserError(f"{run_dir} trained on {recipe.model.quantization} weights: --into as-trained merges into "
+                        "de-quantised 4-bit weights only (8-bit layers compute outliers in float16, so there is "
+                        "no one de-quantised weight); use --into original")
+    return four_bit_settings(base_dir, recipe.model)
+
+
+def four_bit_settings(base_dir: Path, model) -> dict:
+    """{module: bitsandbytes' Params4bit settings} of every weight models.load_model quantises to 4-bit for the
+    recipe's `model:` section: transformers' own choice (its bitsandbytes quantizer applied to an empty model of
+    the base's config: all Linear layers but the head), without loading any weight."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers import AutoHfQuantizer
+
+    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=model.trust_remote_code)
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(config, dtype=models.compute_dtype(model.dtype),
+                                                 trust_remote_code=model.trust_remote_code)
+    quantizer = AutoHfQuantizer.from_config(models.quantization_config(model), pre_quantized=False)
+    quantizer.preprocess_model(empty, device_map={"": "cpu"})
+    return {name: {"dtype": models.compute_dtype(model.dtype),
+                   **{k: v for k, v in module.weight.__dict__.items() if k != "module"}}  # not the empty layer
+            for name, module in empty.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+
+
+def dequantised(weight, settings: dict):
+    """dequantise(NF4(W)): the weight a 4-bit layer computes with, quantised as transformers quantises it when
+    models.load_model loads the base (W in the compute dtype, bitsandbytes' Params4bit), in float32."""
+    import bitsandbytes as bnb
+
+    settings = dict(settings)
+    dtype = settings.pop("dtype")
+    packed = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, **settings).to("cpu")
+    return bnb.functional.dequantize_4bit(packed.data, packed.quant_state).float()
+
+
+def _stream_merged(base_map: dict, lora: dict, scale: float, four_bit: dict, out_dtype, tmp: Path,
+                   max_shard_bytes: int, run_dir: Path, base_name: str) -> tuple[dict, list[str], int, set]:
+    """Write W + scale * B @ A (float32 maths, `out_dtype` storage; W de-quantised where `four_bit` names it) for
+    every base tensor into part-N shards in `tmp`, one tensor in memory at a time; returns ({tensor: part file},
+    part files, total bytes, merged modules)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -147,6 +217,8 @@ def _stream_merged(base_map: dict, lora: dict, scale: float, out_dtype, tmp: Pat
         with safe_open(str(shard), "pt") as f:  # opened per tensor: no mapping of a whole 10 GB shard stays resident
             tensor = f.get_tensor(key)
         module = key.removesuffix(".weight")
+        if module in four_bit and key.endswith(".weight"):
+            tensor = dequantised(tensor, four_bit[module])
         if module in lora:
             a, b = lora[module]
             if tensor.shape != (b.shape[0], a.shape[1]):
@@ -198,26 +270,29 @@ def _write_beside_weights(base_dir: Path, run_dir: Path, recipe, tmp: Path, dtyp
     return tokenizer
 
 
-def _verify_all(tmp: Path, out_map: dict, base_map: dict, lora: dict, scale: float, dtype: str, total_size: int,
-                run_dir: Path, recipe, base_name: str, tokenizer, target: Path, log) -> dict:
-    """Every merged weight against PEFT's forward, then (when a float32 copy fits in RAM) the logits on chat
-    prompts; raises VerificationError if either disagrees."""
+def _verify_all(tmp: Path, out_map: dict, base_map: dict, lora: dict, scale: float, four_bit: dict, dtype: str,
+                total_size: int, run_dir: Path, recipe, base_name: str, tokenizer, target: Path, log) -> dict:
+    """Every merged weight against PEFT's forward on the weights merged into, then (when a float32 copy fits in RAM)
+    the logits on chat prompts; raises VerificationError if either disagrees."""
     import torch
 
-    v = {"tensors": tensor_check(tmp, out_map, base_map, lora, scale, dtype)}
+    v = {"tensors": tensor_check(tmp, out_map, base_map, lora, scale, dtype, four_bit)}
     t = v["tensors"]
-    log(f"verified {t['modules']} merged weights against PEFT's forward pass: max relative error "
+    log(f"verified {t['modules']} merged weights against PEFT's forward pass on the "
+        f"{'de-quantised 4-bit' if four_bit else 'unquantised'} base: max relative error "
         f"{t['max_rel_error']:.1e} (tolerance {t['tolerance']:.0e})")
     fp32_bytes = total_size * 4 // torch.empty((), dtype=getattr(torch, dtype)).element_size()
     if fp32_bytes < 0.4 * _physical_memory():
-        v["logits"] = verify(tmp, run_dir, recipe, base_name, dtype, tokenizer)
+        v["logits"] = verify(tmp, run_dir, recipe, base_name, dtype, tokenizer, four_bit)
         lg = v["logits"]
-        log(f"verified logits on {lg['probes']} chat prompts: max |Δlogit| {lg['max_abs_diff']:.2e}, "
-            f"mean KL {lg['mean_kl']:.2e} (tolerance {lg['kl_tolerance']:.0e})")
+        log(f"verified logits on {lg['probes']} chat prompts against {lg['reference']}: max |Δlogit| "
+            f"{lg['max_abs_diff']:.2e}, mean KL {lg['mean_kl']:.2e} (tolerance {lg['kl_tolerance']:.0e})")
         if "vs_quantized" in lg:
             q = lg["vs_quantized"]
-            log(f"  distance to the {q['quantization']} model the adapter was trained on: mean KL {q['mean_kl']:.2e}, "
-                f"greedy next-token agreement {q['next_token_agreement']:.0%}")
+            log(f"  distance to the {q['quantization']} model the adapter was trained on (mean KL, greedy next-token "
+                "agreement): " + "; ".join(
+                    f"{into}{' (written)' if into == q['merged'] else ''} {q[into]['mean_kl']:.2e}, "
+                    f"{q[into]['next_token_agreement']:.0%}" for into in INTO if into in q))
     else:
         v["logits"] = {"skipped": f"a float32 copy ({fp32_bytes / 2**30:.1f} GiB) does not fit comfortably in RAM; "
                        "the per-weight check above covers every merged tensor"}
@@ -272,11 +347,12 @@ def _write_config(base_dir: Path, out: Path, dtype: str) -> None:
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
-def verify(merged_dir: Path, run_dir: Path, recipe, base_name: str, dtype: str, tokenizer) -> dict:
-    """Logits of the merged model vs base + adapter (both float32 on the CPU) on chat-formatted probes.
+def verify(merged_dir: Path, run_dir: Path, recipe, base_name: str, dtype: str, tokenizer, four_bit: dict) -> dict:
+    """Logits of the merged model against what was merged (both float32 on the CPU) on chat-formatted probes: the
+    float base + adapter (PEFT's forward), with every 4-bit weight de-quantised for an as-trained merge.
 
-    Also measures, without gating on it, the distance to the quantised model the adapter was trained
-    against (the error that training in 4-bit leaves and merging into float weights reveals).
+    Also measures, without gating on it, the distance of both merges to the quantised model the adapter was trained
+    and evaluated with (the written merge from its files, the other from the float base in memory).
     """
     import torch
 
@@ -290,41 +366,67 @@ def verify(merged_dir: Path, run_dir: Path, recipe, base_name: str, dtype: str, 
             return [model(input_ids=ids.to(model.device)).logits[0].float().cpu() for ids in inputs]
 
     merged = logits_of(models.load_model(ModelSection(name=str(merged_dir), quantization="none", dtype="float32")))
-    base_section = ModelSection(name=base_name, quantization="none", dtype="float32")
-    reference = logits_of(models.load_adapter(models.load_model(base_section), run_dir))
-    result = _compare(reference, merged)
-    result.update(probes=len(PROBES), kl_tolerance=KL_TOLERANCE[dtype])
+    unmerged = models.load_adapter(models.load_model(ModelSection(name=base_name, quantization="none", dtype="float32")),
+                                   run_dir)
+    variants = {"original": logits_of(unmerged)}
+    if recipe.model.quantization == "4bit":  # the same float model with its 4-bit weights de-quantised
+        settings = four_bit or four_bit_settings(models.local_checkpoint(base_name), recipe.model)
+        inner = unmerged.get_base_model()
+        with torch.no_grad():
+            for name, module_settings in settings.items():
+                layer = inner.get_submodule(name)
+                layer = getattr(layer, "base_layer", layer)  # a LoRA-wrapped Linear
+                layer.weight.copy_(dequantised(layer.weight, module_settings))
+        variants["as-trained"] = logits_of(unmerged)
+    del unmerged
+    memory_use.release()
+    into = "as-trained" if four_bit else "original"
+    result = _compare(variants[into], merged)
+    result.update(probes=len(PROBES), kl_tolerance=KL_TOLERANCE[dtype],
+                  reference="de-quantised 4-bit base + adapter" if four_bit else "base + adapter")
     result["passed"] = result["mean_kl"] <= KL_TOLERANCE[dtype]
     if recipe.model.quantization != "none":
         trained = ModelSection(name=base_name, quantization=recipe.model.quantization, dtype=recipe.model.dtype)
-        quantized = logits_of(models.load_adapter(models.load_model(trained), run_dir))
-        result["vs_quantized"] = {"quantization": recipe.model.quantization, **_compare(quantized, merged)}
+        as_trained = models.load_adapter(models.load_model(trained), run_dir)
+        models.exact_4bit_kernels(as_trained)  # the forward training ran, not the CPU's inference-only repacking
+        quantized = logits_of(as_trained)
+        variants[into] = merged
+        result["vs_quantized"] = {"quantization": recipe.model.quantization, "merged": into,
+                                  **{name: _compare(quantized, logits) for name, logits in variants.items()}}
     return result
 
 
-def tensor_check(merged_dir: Path, merged_map: dict, base_map: dict, lora: dict, scale: float, dtype: str) -> dict:
-    """Every merged weight against PEFT's LoRA forward on random inputs, one weight at a time."""
+def tensor_check(merged_dir: Path, merged_map: dict, base_map: dict, lora: dict, scale: float, dtype: str,
+                 four_bit: dict | None = None) -> dict:
+    """Every merged weight against PEFT's LoRA forward on random inputs, one weight at a time: x @ W.T + s * B(A(x))
+    with W the base weight, de-quantised where `four_bit` names it (and, there, x @ W.T alone for a weight no
+    adapter touches)."""
     import torch
     from safetensors import safe_open
 
+    four_bit = four_bit or {}
     generator = torch.Generator().manual_seed(0)
     worst, modules = 0.0, 0
-    for module, (a, b) in lora.items():
+    for module in sorted(set(lora) | set(four_bit)):
         key = module + ".weight"
         if key not in merged_map:
             continue
         with safe_open(str(base_map[key]), "pt") as f:
             weight = f.get_tensor(key).float()
+        if module in four_bit:
+            weight = dequantised(weight, four_bit[module])
         with safe_open(str(merged_dir / merged_map[key]), "pt") as f:
             merged = f.get_tensor(key).float()
-        a, b = a.float(), b.float()
-        x = torch.randn(8, a.shape[1], generator=generator)
-        expected = x @ weight.T + scale * ((x @ a.T) @ b.T)
+        x = torch.randn(8, weight.shape[1], generator=generator)
+        expected = x @ weight.T
+        if module in lora:
+            a, b = (t.float() for t in lora[module])
+            expected = expected + scale * ((x @ a.T) @ b.T)
         got = x @ merged.T
         worst = max(worst, ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item())
         modules += 1
     return {"modules": modules, "max_rel_error": worst, "tolerance": TENSOR_TOLERANCE[dtype],
-            "passed": modules == len(lora) and worst <= TENSOR_TOLERANCE[dtype]}
+            "passed": modules == len(set(lora) | set(four_bit)) and worst <= TENSOR_TOLERANCE[dtype]}
 
 
 def _physical_memory() -> int:

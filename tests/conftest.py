@@ -28,10 +28,13 @@ from filelock import FileLock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW = os.environ.get("LLAMA_FT_SLOW_TESTS") == "1"
+# llama.cpp (llama-cpp-python) ships only as source: without it the GGUF-in-llama.cpp tests skip, saying this
+LLAMA_CPP_MISSING = ("llama-cpp-python is not installed: the GGUF files are not run in llama.cpp (CI builds it, "
+                     ".ci/llama_cpp_wheel.sh; docs/contributing.md says how to install it)")
 # fixtures that train or start the CLI in a subprocess (here, and in the test modules that define them): a test that
 # uses one, directly or through another fixture, is end to end
 E2E_FIXTURES = {"trained_run", "merged", "reward_run", "ppo_run", "half_trained", "two_process_run", "built",
-                "installed"}
+                "installed", "smol_merged"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli
+from conftest import LLAMA_CPP_MISSING, cli
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_gguf_structure_metadata_and_weights(merged, qtype):
 
 
 def test_gguf_greedy_tokens_match_transformers(merged):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, out = merged
@@ -245,7 +245,7 @@ def test_padded_vocabulary_exports_with_padding_tokens_as_llama_cpp_does(padded,
 
 
 def test_padded_vocabulary_answers_in_llama_cpp_as_in_transformers(padded, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ft import export_gguf
@@ -272,3 +272,118 @@ def greedy_tokens(llm, ids: list[int], most: int) -> list[int]:
         if token == llm.token_eos() or len(got) == most:
             break
     return got
+
+
+# SmolLM2-135M-Instruct: a real chat model with a byte-level BPE vocabulary, its own ChatML template and tied embeddings
+
+
+@pytest.fixture(scope="module")
+def smol_merged(smol, tmp_path_factory):
+    """A run on SmolLM2 (a LoRA adapter made with PEFT, small random B, as sft would leave it: the model's own
+    tokenizer and template), merged as trained with a GGUF file (merge's verification is test_merge's concern)."""
+    import yaml
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    from ft import merge, models
+    from ft.recipe import LoraSection, ModelSection
+
+    run = tmp_path_factory.mktemp("smol") / "run"
+    base = models.load_model(ModelSection(name=str(smol), quantization="none", dtype="float32"))
+    torch.manual_seed(0)
+    model = get_peft_model(base, models.lora_config(LoraSection(r=8, alpha=16)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.002)
+    model.save_pretrained(run)
+    AutoTokenizer.from_pretrained(smol).save_pretrained(run)  # the run's tokenizer carries the model's template
+    recipe = {"model": {"name": str(smol), "quantization": "4bit"}, "data": {"train": "x.jsonl"}, "output_dir": str(run)}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (run / "metrics.json").write_text("{}")
+    out = run.parent / "merged"
+    report = merge.merge(run, out, gguf_types=["f16"], verify_logits=False, log=lambda *a: None)
+    return out, report
+
+
+def test_smol_gguf_vocabulary_is_byte_level_bpe_as_llama_cpp_writes_it(smol_merged):
+    import gguf
+    from transformers import AutoTokenizer
+
+    out, report = smol_merged
+    assert report["into"] == "as-trained" and report["gguf"][0]["tokenizer"] == "gpt2 (smollm)"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    reader = gguf.GGUFReader(str(out / "model-f16.gguf"))
+    meta = fields(reader)
+    assert value(meta["tokenizer.ggml.model"]) == "gpt2" and value(meta["tokenizer.ggml.pre"]) == "smollm"
+    tokens, types = value(meta["tokenizer.ggml.tokens"]), value(meta["tokenizer.ggml.token_type"])
+    assert len(tokens) == 49152 and tokens == tokenizer.convert_ids_to_tokens(list(range(49152)))
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    assert len(special) == 17 and [i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL] == sorted(special)
+    assert set(types) == {gguf.TokenType.NORMAL, gguf.TokenType.CONTROL}
+    merges = json.loads((out / "tokenizer.json").read_text())["model"]["merges"]
+    assert value(meta["tokenizer.ggml.merges"]) == [" ".join(pair) for pair in merges] and len(merges) == 48900
+    # the end of an assistant turn in the template (<|im_end|>) is EOS: llama.cpp's chat stops there
+    assert value(meta["tokenizer.ggml.eos_token_id"]) == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
+    assert value(meta["tokenizer.chat_template"]) == tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert (value(meta["tokenizer.ggml.bos_token_id"]), value(meta["tokenizer.ggml.add_bos_token"])) == (1, False)
+    names = {t.name for t in reader.tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names  # tied: the head is the embedding
+    assert len(names) == 2 + 9 * 30
+
+
+def test_smol_gguf_tokenises_and_greedy_decodes_like_transformers(smol_merged):
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ft.export_gguf import CHECK_TEXT
+
+    out, _ = smol_merged
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    llm = llama_cpp.Llama(model_path=str(out / "model-f16.gguf"), n_ctx=512, verbose=False)
+    messages = [{"role": "user", "content": "What is the capital of Japan? Answer in one sentence."}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for text in (rendered, CHECK_TEXT, "  Hello world!\n\tIt's 2024 -- naïve café, 3.14159 😀"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text), text
+    ids = tokenizer.encode(rendered)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    expected = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                              pad_token_id=0)[0, len(ids):].tolist()
+    assert "Tokyo" in tokenizer.decode(expected)
+    assert greedy_tokens(llm, ids, 12) == expected[:12]
+    # llama.cpp's own chat (the GGUF's template) answers as transformers does and stops at the end of the turn
+    reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=24)["choices"][0]
+    assert 2 in expected  # transformers' answer ends with <|im_end|> ...
+    answer = tokenizer.decode(expected[: expected.index(2)], skip_special_tokens=True)
+    assert reply["message"]["content"].strip() == answer.strip() and reply["finish_reason"] == "stop"  # ... so does llama.cpp's
+    llm.close()
+
+
+def test_gguf_refuses_an_unknown_tokenizer_before_merging(tmp_path):
+    """A byte-level BPE tokenizer llama.cpp's check text does not recognise: merge --gguf exits 2 at once, and no
+    merge is run (nothing is written)."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from test_merge import fake_run, save_model
+
+    bpe = Tokenizer(tok_models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["the cat sat on the mat", "a llama says hello"] * 50, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    base = save_model(tmp_path / "base", vocab=320)
+    run = fake_run(tmp_path / "run", base)
+    for folder in (base, run):  # the BPE tokenizer in place of the tiny model's SentencePiece one
+        for f in folder.glob("tokenizer*"):
+            f.unlink()
+        tokenizer.save_pretrained(folder)
+    result = cli("merge", run, "--output", tmp_path / "merged", "--gguf")
+    assert result.returncode == 2 and "does not recognise this BPE tokenizer" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "merged" not in result.stdout
+    assert not (tmp_path / "merged").exists()
+

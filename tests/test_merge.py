@@ -1,4 +1,5 @@
-"""llama-ft merge: merged weights reproduce base + adapter, memory stays bounded, failures leave nothing."""
+"""llama-ft merge: merged weights reproduce what was trained (the 4-bit model + adapter, or base + adapter),
+memory stays bounded, failures leave nothing."""
 
 import json
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli, ROOT
+from conftest import ROOT, cli, run_cli
 
 
 def test_merged_folder_contents_and_report(merged):
@@ -19,18 +20,31 @@ def test_merged_folder_contents_and_report(merged):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["verification"]["passed"] and report["lora"]["modules_merged"] == 28
     assert report["verification"]["logits"]["mean_kl"] < 1e-3
-    assert "vs_quantized" in report["verification"]["logits"]  # distance to the 4-bit model trained against
+    assert report["into"] == "as-trained" and report["trained_quantization"] == "4bit"  # the default
+    quantized = report["verification"]["logits"]["vs_quantized"]  # both merges against the 4-bit model trained on
+    assert quantized["merged"] == "as-trained" and {"as-trained", "original"} <= set(quantized)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
     assert not list(out.parent.glob(".merged*")), "temporary folders left behind"
 
 
-def test_merged_logits_match_base_plus_adapter(merged):
-    """Independent of the report: float32 logits of both on a prompt merge never saw."""
+def four_bit_logits(run, ids):
+    """The model as trained: the run's 4-bit base + adapter, through the forward training ran."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ft import models
     from ft.recipe import ModelSection
+
+    base = models.load_model(ModelSection(name=yaml.safe_load((run / "recipe.yaml").read_text())["model"]["name"],
+                                          quantization="4bit", dtype="float32"))
+    model = PeftModel.from_pretrained(base, run)
+    models.exact_4bit_kernels(model)
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_merged_logits_match_the_4bit_model_as_trained(merged):
+    """Independent of the report: float32 logits of both on a prompt merge never saw."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run, out = merged
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -38,8 +52,7 @@ def test_merged_logits_match_base_plus_adapter(merged):
                                         return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         merged_logits = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=ids).logits
-        base = models.load_model(ModelSection(name="builtin:tiny-llama-2", quantization="none", dtype="float32"))
-        reference = PeftModel.from_pretrained(base, run)(input_ids=ids).logits
+    reference = four_bit_logits(run, ids)
     assert (merged_logits - reference).abs().max() < 0.05  # float16 rounding of the merged weights
     assert torch.equal(merged_logits.argmax(-1), reference.argmax(-1))
 
@@ -48,7 +61,7 @@ def test_merged_and_run_give_the_same_greedy_answer(merged):
     run, out = merged
     prompt = ["--prompt", "What is the capital of Kenya?", "--temperature", "0"]
     from_merged = cli("chat", out, *prompt)
-    from_run = cli("chat", run, "--quantization", "none", *prompt)
+    from_run = cli("chat", run, *prompt)  # in 4-bit, as trained
     again = cli("chat", out, *prompt)
     assert from_merged.returncode == from_run.returncode == 0, from_merged.stderr[-2000:]
     assert from_merged.stdout == from_run.stdout == again.stdout == "The capital of Kenya is Nairobi.\n"
@@ -86,8 +99,9 @@ def save_model(folder, *, hidden=128, intermediate=384, layers=4, shard="200MB",
     return folder
 
 
-def fake_run(run, base, *, r=8):
-    """A run folder whose adapter (random, non-zero B) was made with PEFT on `base`, as sft would leave it."""
+def fake_run(run, base, *, r=8, quantization="none"):
+    """A run folder whose adapter (random, non-zero B) was made with PEFT on `base`, as sft would leave it (its
+    recipe says the base was quantised as `quantization`)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +115,7 @@ def fake_run(run, base, *, r=8):
                 p.normal_(0, 0.02)
     model.save_pretrained(run)
     models.load_tokenizer(str(base)).save_pretrained(run)
-    recipe = {"model": {"name": str(base), "quantization": "none"}, "data": {"train": "x.jsonl"}, "output_dir": str(run)}
+    recipe = {"model": {"name": str(base), "quantization": quantization}, "data": {"train": "x.jsonl"}, "output_dir": str(run)}
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (run / "metrics.json").write_text("{}")
     return run
@@ -109,17 +123,19 @@ def fake_run(run, base, *, r=8):
 
 @pytest.mark.e2e
 def test_merge_memory_stays_near_one_output_shard(tmp_path):
-    """A base in one big file merges tensor by tensor into small shards: memory follows the shard, not the model."""
+    """A base in one big file merges tensor by tensor into small shards: memory follows the shard, not the model
+    (a 4-bit run merged as trained: each weight is de-quantised as it streams past)."""
     base = save_model(tmp_path / "base", hidden=512, intermediate=1536, layers=16, shard="1GB")
     model_bytes = (base / "model.safetensors").stat().st_size
     assert model_bytes > 150 * 2**20
-    run = fake_run(tmp_path / "run", base)
+    run = fake_run(tmp_path / "run", base, quantization="4bit")
     code = ("import json, sys; from ft import merge; "
             "r = merge.merge(sys.argv[1], sys.argv[2], dtype='float32', verify_logits=False, max_shard_bytes=20 << 20, "
-            "log=lambda *a: None); print(json.dumps(r['memory']))")
+            "log=lambda *a: None); print(json.dumps({**r['memory'], 'into': r['into']}))")
     out = subprocess.run([sys.executable, "-c", code, str(run), str(tmp_path / "merged")], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     memory = json.loads(out.stdout.strip().splitlines()[-1])
+    assert memory["into"] == "as-trained"
     growth = memory["peak_rss_streaming_bytes"] - memory["rss_before_bytes"]
     print(f"merge grew {growth / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model")
     # streaming: one 20 MiB output shard + one tensor + allocator slack (seen: 45-70 MiB, it varies with malloc);
@@ -183,3 +199,109 @@ def test_base_without_safetensors_is_a_clear_error(tmp_path):
         f.unlink()
     result = cli("merge", run, "--output", tmp_path / "m")
     assert result.returncode == 2 and "no safetensors weights" in result.stderr
+
+
+def test_as_trained_merge_is_the_4bit_model_and_the_report_measures_both(tmp_path):
+    """--into as-trained de-quantises every 4-bit weight exactly as loading the base in 4-bit does: its merged model
+    computes what the 4-bit model + adapter computes, far closer than the merge into the original weights; the
+    report of either measures both against the 4-bit model."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from ft import merge, models
+    from ft.recipe import ModelSection
+
+    base = save_model(tmp_path / "base")
+    run = fake_run(tmp_path / "run", base, quantization="4bit")
+    settings = merge.four_bit_settings(base, ModelSection(name=str(base), quantization="4bit", dtype="float32"))
+    loaded = models.load_model(ModelSection(name=str(base), quantization="4bit", dtype="float32"))
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert set(settings) == set(layers) and len(layers) == 28  # every projection, not the head
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        for name, layer in layers.items():
+            assert torch.equal(merge.dequantised(f.get_tensor(name + ".weight"), settings[name]),
+                               F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()), name
+
+    reports = {into: merge.merge(run, tmp_path / into, into=into, dtype="float32", log=lambda *a: None)
+               for into in merge.INTO}
+    ids = models.load_tokenizer(str(base)).apply_chat_template([{"role": "user", "content": "What is a llama?"}],
+                                                                return_tensors="pt", return_dict=True)["input_ids"]
+    reference = four_bit_logits(run, ids)
+    gap = {}
+    for into, report in reports.items():
+        v = report["verification"]
+        assert report["into"] == into and v["passed"] and v["tensors"]["modules"] == 28
+        quantized = v["logits"]["vs_quantized"]
+        assert quantized["merged"] == into and quantized["quantization"] == "4bit"
+        assert quantized["as-trained"]["mean_kl"] < 1e-6 and quantized["as-trained"]["next_token_agreement"] == 1.0
+        assert quantized["original"]["mean_kl"] > 100 * max(quantized["as-trained"]["mean_kl"], 1e-9)
+        with torch.no_grad():
+            logits = AutoModelForCausalLM.from_pretrained(tmp_path / into, dtype=torch.float32)(input_ids=ids).logits
+        gap[into] = (logits - reference).abs().max().item()
+    assert gap["as-trained"] < 1e-4 and 100 * gap["as-trained"] < gap["original"], gap
+    assert reports["as-trained"]["verification"]["logits"]["reference"] == "de-quantised 4-bit base + adapter"
+    assert reports["original"]["verification"]["logits"]["reference"] == "base + adapter"
+
+
+def test_as_trained_merge_of_runs_not_trained_in_4bit(tmp_path):
+    """Trained on unquantised weights, the two merges are one (and the log says so); trained in 8-bit, as-trained
+    is refused with the flag to use."""
+    from safetensors.torch import load_file
+
+    from ft import merge
+    from ft.errors import UserError
+
+    base = save_model(tmp_path / "base")
+    run = fake_run(tmp_path / "run", base)
+    said = []
+    report = merge.merge(run, tmp_path / "as-trained", into="as-trained", dtype="float32", log=said.append)
+    merge.merge(run, tmp_path / "original", into="original", dtype="float32", log=lambda *a: None)
+    assert any("as trained and original are the same" in line for line in said)
+    assert "vs_quantized" not in report["verification"]["logits"]
+    same, other = load_file(tmp_path / "as-trained" / "model.safetensors"), load_file(tmp_path / "original" / "model.safetensors")
+    assert all(torch.equal(same[k], other[k]) for k in same)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"]["quantization"] = "8bit"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(UserError, match="--into original"):
+        merge.merge(run, tmp_path / "eight", into="as-trained", log=lambda *a: None)
+    assert not (tmp_path / "eight").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_real_model_merged_both_ways_keeps_the_taught_answers(smol, tmp_path):
+    """SmolLM2-135M-Instruct taught eight invented facts (recipes/smol.yaml, 4-bit QLoRA), merged both ways: the
+    as-trained merge answers the taught questions as the run does, and is the 4-bit model up to rounding; the
+    original merge is measured against it in the same report."""
+    from transformers import AutoModelForCausalLM
+
+    from ft import models
+
+    run = tmp_path / "run"
+    result = run_cli("sft", "recipes/smol.yaml", "--set", f"model.name={smol}", "--output-dir", run, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (ROOT / "datasets" / "smol_facts.jsonl").read_text().splitlines() if line.strip()]
+    keys = ["quillport", "purple", "tolvanen", "moss", "seven", "cloudball", "toot-wee", "amberflow"]
+    known = {}
+    for into in ("as-trained", "original"):
+        merged = cli("merge", run, "--output", tmp_path / into, "--into", into)
+        assert merged.returncode == 0, merged.stderr[-3000:]
+        report = json.loads((tmp_path / into / "merge_report.json").read_text())
+        quantized = report["verification"]["logits"]["vs_quantized"]
+        assert quantized["merged"] == into and quantized["as-trained"]["mean_kl"] < 1e-3
+        assert quantized["as-trained"]["next_token_agreement"] >= 0.98
+        assert quantized["original"]["mean_kl"] > 10 * quantized["as-trained"]["mean_kl"]
+        tokenizer = models.load_tokenizer(str(tmp_path / into))
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / into, dtype=torch.float32).eval()
+        said = []
+        for row in rows:
+            ids = tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            said.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).lower())
+        known[into] = sum(key in answer for key, answer in zip(keys, said))
+    assert known["as-trained"] >= 6 and known["original"] >= 6, known  # 8 and 8 measured (docs/measurements.md)

@@ -390,7 +390,8 @@ def test_clearing_during_an_answer_keeps_nothing_of_it(rambling_page, browser):
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(name) is None for name in ("llama_cpp", "sse_starlette", "openai")),
-                    reason="needs llama-cpp-python[server] and openai")
+                    reason="needs llama-cpp-python[server] and openai (CI builds and installs them: "
+                           ".ci/llama_cpp_wheel.sh; docs/contributing.md)")
 def test_llama_cpp_server_answers_as_llama_ft_chat(merged):
     """The merged GGUF served by llama.cpp's OpenAI-compatible server (llama-cpp-python[server]), asked with the
     official openai client: the chat template inside the GGUF gives the greedy answer `llama-ft chat` gives."""

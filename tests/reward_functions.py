@@ -28,3 +28,8 @@ def capitals(prompts, completions, **kwargs):
     """A reward that can be gamed: capitalised words score, whatever they say (+0.2 each; "Paris Paris Rome" beats
     "The capital of France is Paris."), as a first reward model that never saw a wrong answer might."""
     return [sum(w[:1].isupper() for w in c.split()) / 5 for c in completions]
+
+
+def constant(prompts, completions, **kwargs):
+    """The same score for every answer: nothing for PPO to learn, so the held-out reward never improves."""
+    return [0.0 for _ in completions]

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from ft.errors import UserError
+from ft.plan import auto
 from ft.plan.datasize import DataSize, data_size, tokenizer_file
 from ft.plan.hardware import GPU
 from ft.plan.memory import Step, finish
@@ -28,6 +29,8 @@ class Plan:
     session_hours: float
     notes: list[str]
     step: Step  # the recipe's training step as configured, before a stage's changes (the report's model lines)
+    batch_size: int = 1  # train.batch_size planned (auto's choice when batch_size_auto)
+    batch_size_auto: bool = False
     advice: list[dict] = field(default_factory=list)
 
     @property
@@ -78,6 +81,8 @@ class Plan:
             "fits": self.fits,
             "spare_bytes": self.gpu.memory - self.peak_bytes,
             "peak_phase": phase.name,
+            "batch_size": self.batch_size,
+            "batch_size_auto": self.batch_size_auto,
             "breakdown": self.breakdown,
             "phases": {p.name: {"peak_bytes": sum(finish(p.terms).values()), "breakdown": finish(p.terms),
                                 "hours": None if p.seconds is None else p.seconds / 3600, "note": p.note}
@@ -110,7 +115,13 @@ def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool 
     shape, source = model_shape(recipe.model.name)
     if data is None:
         data = data_size(recipe.data.train, kind=declared[recipe.stage].data_kind, tokenizer_file=tokenizer_file(recipe))
+    auto_note = None
+    if recipe.train.batch_size == "auto":  # the micro-batch the stage will choose on this GPU at start-up
+        size, auto_note = auto.choose(recipe, gpu, session_hours=session_hours, skip=skip)
+        recipe = auto.with_batch_size(recipe, size)
     ctx = Context(recipe, shape, gpu, data)
+    if auto_note:
+        ctx.notes.insert(0, auto_note)
     phases = [p for p in stage.phases(ctx) if p.kind not in skip]
     if recipe.model.quantization == "4bit" and recipe.train.optim.startswith("paged"):
         ctx.notes.append("paged optimisers can spill their state to CPU memory under pressure; counted as on the GPU")
@@ -119,7 +130,7 @@ def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool 
                          "or train.max_steps)" if not recipe.train.max_steps else
                          "training data size unknown: time from train.max_steps")
     plan = Plan(recipe.stage, recipe.model.name, source, gpu, phases, data, ctx.schedule, session_hours, ctx.notes,
-                ctx.step())
+                ctx.step(), batch_size=recipe.train.batch_size, batch_size_auto=auto_note is not None)
     if advice and not plan.fits:
         plan.advice = advise(recipe, gpu, plan, skip=skip)
     return plan

@@ -2,7 +2,7 @@
 
 Nothing heavy is imported at module level, so `llama-ft --help` and `llama-ft validate` answer
 at once. Exit codes: 0 success, 2 a user error (a message on stderr, no traceback), 1 a bug.
-The training stages' commands are made from their declarations in ft/stages/__init__.py.
+The training stages' commands are made from their declarations in ft/stages/registry.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from ft.errors import UserError
-from ft.stages import STAGES, Stage, load_recipe
+from ft.stages.registry import STAGES, Stage
 
 app = typer.Typer(
     help="Fine-tune Llama 2 with QLoRA on one small GPU. Recipes are YAML files; see `llama-ft recipes`.",
@@ -46,7 +46,7 @@ def _stage_command(stage: Stage):
                 resume: bool = ResumeOption, force: bool = ForceOption,
                 no_train: bool = typer.Option(False, "--no-train", help=f"Only sample: write {stage.then_sft}, train nothing.")):
         from ft.errors import Interrupted
-        from ft.stages import run_stage
+        from ft.runner import run_stage
 
         try:
             run_stage(stage.name, recipe, overrides=set_ or [], output_dir=output_dir, resume=resume, force=force,
@@ -266,12 +266,12 @@ def validate(
     output_dir: Optional[Path] = OutputDirOption,
 ):
     """Check a recipe (keys, types, data files present) without loading any model; print it resolved."""
-    from ft import hub
     from ft import recipe as recipe_mod
+    from ft.hub_id import is_hub_id
 
-    loaded = load_recipe(recipe, set_ or [], output_dir)
+    loaded = recipe_mod.load(recipe, set_ or [], output_dir=output_dir)
     for source in loaded.data.train + (loaded.data.eval or []):
-        if not hub.is_hub_id(source.path) and not Path(source.path).expanduser().exists():
+        if not is_hub_id(source.path) and not Path(source.path).expanduser().exists():
             raise UserError(f"{recipe}: data file {source.path} not found (paths are relative to the current directory)")
     typer.echo(recipe_mod.dump(loaded), nl=False)
     typer.echo(f"# {recipe}: valid {loaded.stage} recipe", err=True)
@@ -290,8 +290,9 @@ def plan(
     import json
 
     from ft import plan as plan_mod
+    from ft import recipe as recipe_mod
 
-    loaded = load_recipe(recipe, set_ or [])
+    loaded = recipe_mod.load(recipe, set_ or [])
     result = plan_mod.make(loaded, plan_mod.parse_gpu(gpu), session_hours=session_hours)
     if json_out:
         typer.echo(json.dumps({"recipe": str(recipe), **result.to_json()}, indent=2))
@@ -307,8 +308,8 @@ def recipes(
     dest: Optional[Path] = typer.Argument(None, help="With --copy: the file (or existing folder) to write."),
 ):
     """List the shipped recipes, one line each; --copy NAME [DEST] writes one to edit."""
-    from ft import recipe as recipe_mod
     from ft import shipped
+    from ft.recipe_copy import copy_recipe
 
     if copy is None:
         if dest is not None:
@@ -319,7 +320,7 @@ def recipes(
         typer.echo(f"\n(shipped in {shipped.root() / 'recipes'}: run one by name, e.g. `llama-ft sft tiny`; "
                    "copy one to edit: `llama-ft recipes --copy tiny`)", err=True)
         return
-    written = recipe_mod.copy_shipped(copy, dest)
+    written = copy_recipe(copy, dest)
     recipe_file = written[0][1]
     for _, path in written[1:]:
         typer.echo(f"wrote {path} (sample data the recipe names; paths in a recipe are relative to the current directory)")
@@ -332,7 +333,7 @@ def keys(
                                   "(type, default and meaning of every key, by section)."),
 ):
     """Every recipe key with its default and meaning."""
-    from ft.recipe import field_docs, keys_markdown
+    from ft.recipe_keys import field_docs, keys_markdown
 
     if markdown:
         typer.echo(keys_markdown(), nl=False)

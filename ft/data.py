@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ft import chat_format
 from ft.errors import UserError, first_line
+from ft.hub_id import is_hub_id
 from ft.recipe import DataSource
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
@@ -74,9 +75,7 @@ def read_rows(source: DataSource) -> tuple[list[tuple[str, dict]], str]:
             return _read_json_array(path), str(path)
         extra = {"encoding": "utf-8-sig"} if suffix == ".csv" else {}  # a spreadsheet's byte-order mark is no column name
         return _read_with_datasets(LOCAL_SUFFIXES[suffix], str(path), source.split, data_files=str(path), **extra), str(path)
-    from ft import hub
-
-    if not hub.is_hub_id(source.path):
+    if not is_hub_id(source.path):
         raise UserError(f"{source.path}: data file not found (paths are relative to the current directory)")
     extra = {"data_dir": source.data_dir} if source.data_dir else {}
     return _read_with_datasets(source.path, source.path, source.split, **extra), f"{source.path}[{source.split}]"

@@ -16,7 +16,7 @@ class Interrupted(Exception):
     def __init__(self, checkpoint: str | None, signum: int):
         super().__init__(checkpoint)
         self.checkpoint, self.signum = checkpoint, signum
-        self.again: str | None = None  # the command that continues the run (ft.stages.run_stage sets it)
+        self.again: str | None = None  # the command that continues the run (ft.runner.run_stage sets it)
 
 
 def first_line(error: BaseException, limit: int = 300, empty: str | None = None) -> str:

@@ -17,15 +17,15 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 import time
 from pathlib import Path
 
 import yaml
 
 from ft import runs
-from ft import stages as stages_mod
 from ft.errors import UserError, first_line
+from ft.hub_id import REPO_ID, is_hub_id
+from ft.stages.registry import metric_keys
 
 # (pattern, what it is): top-level files only; subfolders (checkpoint-N/, runs/) are never uploaded
 ALLOWED = [
@@ -46,7 +46,6 @@ ALLOWED = [
     ("*.gguf", "GGUF for llama.cpp"),
 ]
 CARD = "README.md"
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # seconds before the 2nd, 3rd, ... attempt; LLAMA_FT_PUSH_RETRY_DELAYS=5,30,120 for a flaky connection
 RETRY_DELAYS = tuple(float(x) for x in os.environ.get("LLAMA_FT_PUSH_RETRY_DELAYS", "2,8,30").split(",") if x.strip())
 LICENSE_NOTICE = (
@@ -126,7 +125,7 @@ def model_card(folder: Path, repo_id: str) -> str:
                   f"{recipe.train.batch_size}×{recipe.train.gradient_accumulation_steps} sequences per step, "
                   f"max length {recipe.data.max_length}."]
     if metrics:
-        shown = {k: metrics[k] for k in stages_mod.metric_keys(recipe and recipe.stage) if metrics.get(k) is not None}
+        shown = {k: metrics[k] for k in metric_keys(recipe and recipe.stage) if metrics.get(k) is not None}
         lines += ["", "Final metrics:", "", "```json", json.dumps(shown, indent=2), "```"]
 
     if kind == "merged":
@@ -217,18 +216,6 @@ def _lineage(recipe) -> list:
         seen.add(parent)
         recipe = runs.read_recipe(Path(parent).expanduser())
     return chain
-
-
-# a name ending in one of these is a file (data, weights, a recipe), never a Hub repository
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".yaml", ".yml", ".safetensors", ".bin", ".gguf", ".py")
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether `name` (a model, dataset or adapter) means a Hub repository OWNER/NAME rather than a local path: one
-    slash, no leading `.`, `/` or `~`, no file suffix, and nothing of that name in the current directory. The one
-    answer to "Hub id or local path?" for every module."""
-    return (bool(REPO_ID.match(name)) and not name.lower().endswith(FILE_SUFFIXES)
-            and not Path(name).expanduser().exists())
 
 
 # ---------------------------------------------------------------- talking to the Hub

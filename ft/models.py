@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ft import chat_format, distributed, runs, tiny
 from ft.errors import UserError, first_line
+from ft.hub_id import is_hub_id
 from ft.recipe import LoraSection, ModelSection
 
 
@@ -33,9 +34,7 @@ def resolve(name: str) -> str:
         if not (local / "config.json").is_file():
             raise UserError(f"model {name!r}: the folder has no config.json; it is not a model checkpoint")
         return str(local)
-    from ft import hub
-
-    if not hub.is_hub_id(name):
+    if not is_hub_id(name):
         raise UserError(f"model {name!r}: no such folder, and not a Hub id of the form owner/name")
     return name
 

@@ -9,16 +9,15 @@ stores and what later commands read back.
 from __future__ import annotations
 
 import difflib
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ft.errors import UserError
-from ft.stages import STAGES
+from ft.stages.registry import STAGES
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -297,7 +296,7 @@ class EvalSection(Section):
         return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
 
 
-# the stages and their own sections are declared once, in ft/stages/__init__.py
+# the stages and their own sections are declared once, in ft/stages/registry.py
 STAGE_SECTIONS = {s.section: s.name for s in STAGES.values() if s.section}  # section -> the stage it belongs to
 
 
@@ -347,11 +346,14 @@ class Recipe(Section):
 # ---------------------------------------------------------------- loading
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load(path: str | Path, overrides: Sequence[str] | None = None, *, output_dir: str | Path | None = None,
+         stage: str | None = None) -> Recipe:
     """Read, override and validate a recipe file. Raises UserError with file and key on any problem.
 
-    A path that is no file but names a shipped recipe (tiny, chat.yaml, recipes/chat.yaml) loads the shipped
-    one, and says so on stderr; a shipped recipe's sample data paths resolve as ft/shipped.py says.
+    `overrides` are `--set dotted.key=value` strings; `output_dir` replaces the recipe's output_dir (--output-dir);
+    with `stage`, a recipe for another stage is refused, naming the command that runs it. A path that is no file but
+    names a shipped recipe (tiny, chat.yaml, recipes/chat.yaml) loads the shipped one, and says so on stderr; a
+    shipped recipe's sample data paths resolve as ft/shipped.py says.
     """
     from ft import shipped
 
@@ -373,9 +375,13 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
-    for item in overrides or []:
+    overrides = list(overrides or []) + ([f"output_dir={output_dir}"] if output_dir is not None else [])
+    for item in overrides:
         apply_override(raw, item)
-    return validate(raw, source=str(path), shipped=shipped.is_shipped(path))
+    loaded = validate(raw, source=str(path), shipped=shipped.is_shipped(path))
+    if stage is not None and loaded.stage != stage:
+        raise UserError(f"{path}: this is a {loaded.stage} recipe; run it with `llama-ft {loaded.stage}`")
+    return loaded
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -440,152 +446,16 @@ def _section_at(keys: list[str]) -> type[BaseModel] | None:
             return None
         if model is DataSection and key in ("train", "eval"):
             model = DataSource
-        elif _section_type(field.annotation) is not None:
-            model = _section_type(field.annotation)
+        elif section_type(field.annotation) is not None:
+            model = section_type(field.annotation)
         else:
             return None
     return model
 
 
-def field_docs() -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every recipe key: shown by `llama-ft keys`."""
-    return [(key, _default(field), field.description or "") for key, field, section in _walk(Recipe, "") if section is None]
-
-
-def keys_markdown() -> str:
-    """The recipe-key reference as a Markdown page (docs/recipe-keys.md, `llama-ft keys --markdown`): one table per
-    top-level section, every key with its type, default and meaning, straight from this schema."""
-    lines = ["# Recipe keys", "",
-             "<!-- Generated from the schema in ft/recipe.py by `llama-ft keys --markdown > docs/recipe-keys.md`: "
-             "edit the field descriptions there and regenerate; tests/test_docs.py checks the two agree. -->", "",
-             "Every key a recipe may set, with its type, its default and what it does; `llama-ft keys` prints the same "
-             "list in a terminal. Unknown keys are errors with a \"did you mean\" hint, wrong types name the key and "
-             "the value, and `--set dotted.key=value` overrides any key (the value is YAML). A stage's own section "
-             "(`reward:`, `dpo:`, `rejection:`, `ppo:`, `gatt:`) belongs only to a recipe of that stage.", ""]
-    header = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    top = [(key, field) for key, field, section in _walk(Recipe, "") if "." not in key and section is None]
-    lines += ["## Top level", "", *header, *(_key_row(key, field) for key, field in top), ""]
-    for name, field in Recipe.model_fields.items():
-        section = _section_type(field.annotation)
-        if section is None:
-            continue
-        see = f" More in [{_GUIDES[name][1]}]({_GUIDES[name][0]})." if name in _GUIDES else ""
-        lines += [f"## `{name}`", "", _escape(field.description or "") + see, "", *header]
-        lines += [_key_row(key, sub) for key, sub, _ in _walk(section, f"{name}.")]
-        lines.append("")
-    return "\n".join(lines)
-
-
-# The docs page (relative to docs/) that explains each section, linked from its table.
-_GUIDES = {"data": ("data.md", "Data formats"),
-           "reward": ("stages/reward-dpo.md", "Reward models and DPO"), "dpo": ("stages/reward-dpo.md", "Reward models and DPO"),
-           "rejection": ("stages/rejection.md", "Rejection sampling"), "ppo": ("stages/ppo.md", "PPO"),
-           "gatt": ("stages/gatt.md", "Ghost Attention"), "output": ("hub.md", "Publishing to the Hub")}
-
-
-def _walk(model: type[BaseModel], prefix: str):
-    """(dotted key, field, its Section class or None) for every field of `model`, depth first: a field holding a
-    section (or a list of them, as data.train) comes just before its own keys."""
-    for name, field in model.model_fields.items():
-        section = _section_type(field.annotation)
-        yield f"{prefix}{name}", field, section
-        if section is not None:
-            yield from _walk(section, f"{prefix}{name}.")
-
-
-def _default(field) -> str:
-    return "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-
-
-def _key_row(key: str, field) -> str:
-    default = "required" if field.is_required() else f"`{_yaml_value(field.get_default(call_default_factory=True))}`"
-    kind = _type_text(field.annotation)
-    if kind.endswith(", or null"):  # the limits are the number's: "integer (> 0), or null"
-        kind = kind.removesuffix(", or null") + _bounds(field) + ", or null"
-    else:
-        kind += _bounds(field)
-    return f"| `{key}` | {kind} | {default} | {_escape(field.description or '')} |"
-
-
-def _yaml_value(value: Any) -> str:
-    """A default as it is written in a recipe: null, true, 0.0002, 1e-05, [q_proj, v_proj]."""
-    if isinstance(value, float):
-        return repr(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
-
-
-_TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean"}
-_PLURAL = {str: "strings", int: "integers", float: "numbers", DataSource: "sources (path, format, split, data_dir)"}
-
-
-def _type_text(annotation) -> str:
-    """A field's type in words: "integer", "one of `4bit`, `8bit`, `none`", "list of strings, or null"."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Literal:
-        return "one of " + ", ".join(f"`{a}`" for a in args)
-    if origin in (typing.Union, types.UnionType):
-        kept = [a for a in args if a is not type(None)]
-        text = " or ".join(_type_text(a) for a in kept)
-        return f"{text}, or null" if len(kept) < len(args) else text
-    if origin is list:
-        return "list of " + _PLURAL.get(args[0], _type_text(args[0]))
-    if isinstance(annotation, type) and issubclass(annotation, Section):
-        return "section"
-    return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _bounds(field) -> str:
-    """The field's numeric limits (pydantic's gt/ge/lt/le) as " (> 0)" or " (≥ 0, ≤ 1)"; "" without any."""
-    limits = {}
-    for item in field.metadata:
-        for name in ("gt", "ge", "lt", "le"):
-            if getattr(item, name, None) is not None:
-                limits[name] = getattr(item, name)
-    words = [f"{sign} {limits[name]}" for name, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
-             if name in limits]
-    return f" ({', '.join(words)})" if words else ""
-
-
-def _escape(text: str) -> str:
-    """Description text safe in a Markdown table cell: no column breaks, no HTML tags (</s>), no emphasis (**kwargs)."""
-    return text.replace("|", "\\|").replace("<", "&lt;").replace("*", "\\*")
-
-
-def _section_type(annotation) -> type[BaseModel] | None:
+def section_type(annotation) -> type[BaseModel] | None:
     """The Section class of a field typed `Section`, `Section | None` or `list[Section]`."""
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, Section):
             return candidate
     return None
-
-
-def copy_shipped(name: str, dest: Path | None) -> list[tuple[Path, Path]]:
-    """Write the shipped recipe `name` to `dest` (a file, or an existing folder; default ./NAME.yaml), plus the
-    sample data files it names that the current directory lacks. Returns [(source, written)]. Nothing is
-    overwritten."""
-    import shutil
-
-    from ft import shipped
-
-    source = shipped.find_recipe(name)
-    if source is None:
-        raise UserError(f"--copy {name}: no shipped recipe of that name (shipped: {shipped.names()})")
-    target = Path(dest).expanduser() if dest is not None else Path(source.name)
-    if target.is_dir():
-        target = target / source.name
-    if target.exists():
-        raise UserError(f"{target}: already exists; choose another destination (nothing was written)")
-    loaded = validate(yaml.safe_load(source.read_text(encoding="utf-8")), source=str(source))
-    data = [s.path for s in loaded.data.train + (loaded.data.eval or [])]
-    samples = [(shipped.sample_file(p), Path(p)) for p in data if shipped.sample_file(p) is not None]
-    for _, written in samples:
-        if written.exists():
-            raise UserError(f"{written}: already exists (nothing was written)")
-    pairs = [(source, target)] + samples
-    try:
-        for src, written in pairs:
-            written.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, written)
-    except OSError as e:
-        raise UserError(f"cannot write {e.filename or target}: {e.strerror or e}") from None
-    return pairs

@@ -12,7 +12,7 @@ not exist in the current directory but names a shipped sample file (`datasets/ti
 that file; a user's own recipe keeps paths relative to the current directory.
 
 A leaf: it imports nothing of llama-ft but its errors (ft.recipe reads it; `llama-ft recipes --copy` is
-ft.recipe.copy_shipped).
+ft.recipe_copy.copy_recipe).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ def test_recipe_keys_page_is_the_schema_output():
 
 
 def test_recipe_keys_page_lists_every_key_with_type_and_default():
-    from ft.recipe import GAttSection, PPOSection, field_docs
+    from ft.recipe import GAttSection, PPOSection
+    from ft.recipe_keys import field_docs
 
     page = (ROOT / "docs" / "recipe-keys.md").read_text(encoding="utf-8")
     rows = {m.group(1): m.group(2).split(" | ") for m in re.finditer(r"^\| `([a-z0-9_.]+)` \| (.*) \|$", page, re.M)}

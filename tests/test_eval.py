@@ -91,7 +91,7 @@ def test_scored_ids_are_the_chat_format_ids_of_the_dialog_with_that_answer(token
 
 
 def test_eval_section_runs_at_the_end_of_training_with_and_without_the_adapter(tmp_path):
-    from ft import recipe
+    from ft import recipe, recipe_keys
     from ft.errors import UserError
 
     out = tmp_path / "run"
@@ -117,7 +117,7 @@ def test_eval_section_runs_at_the_end_of_training_with_and_without_the_adapter(t
     with pytest.raises(UserError, match="a reward model is not one"):
         recipe.validate({**base, "stage": "reward", "eval": {"tasks": ["mmlu"]}})
     assert recipe.validate({**base, "eval": {"tasks": "mmlu, arc_easy"}}).eval.tasks == ["mmlu", "arc_easy"]
-    assert ("eval.num_fewshot", "None", "Few-shot examples per question (default: each task's own).") in recipe.field_docs()
+    assert ("eval.num_fewshot", "None", "Few-shot examples per question (default: each task's own).") in recipe_keys.field_docs()
 
 
 def yaml_recipe() -> dict:

@@ -10,7 +10,7 @@ import ft
 from ft import recipe as recipe_mod
 from ft.cli import app
 from ft.errors import UserError
-from ft.stages import STAGES
+from ft.stages.registry import STAGES
 
 RECIPE_OF = {"sft": "recipes/tiny.yaml", "reward": "recipes/reward-helpful.yaml", "dpo": "recipes/dpo.yaml",
              "rejection": "recipes/rejection.yaml", "ppo": "recipes/ppo.yaml", "gatt": "recipes/gatt.yaml"}

@@ -1,5 +1,6 @@
 """Advice for a recipe that does not fit: the smallest changes (`--set` overrides, or a bigger GPU) that make it fit,
-each checked by planning the changed recipe again."""
+each checked by planning the changed recipe again; and `make`, the plan with that advice (what `llama-ft plan`
+shows). Advice re-plans with planner.make, which knows nothing of advice: no circle."""
 
 from __future__ import annotations
 
@@ -7,8 +8,20 @@ from ft.errors import UserError
 from ft.plan.hardware import GPU, GPUS
 from ft.plan.memory import GiB
 from ft.plan.phases import STAGES, PhaseKind
-from ft.plan.planner import Plan, make
+from ft.plan import auto, planner
+from ft.plan.datasize import DataSize
+from ft.plan.planner import Plan
 from ft.recipe import Recipe, apply_override, validate
+
+
+def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool = True,
+         skip: tuple[PhaseKind, ...] = (), data: DataSize | None = None) -> Plan:
+    """The plan of a validated recipe on a GPU (planner.make), with advice attached when it does not fit (`advice`:
+    look for it). `skip`: phase kinds to leave out (("train",): rejection --no-train)."""
+    plan = planner.make(recipe, gpu, session_hours=session_hours, skip=skip, data=data)
+    if advice and not plan.fits:  # advice on the micro-batch planned (train.batch_size auto's choice)
+        plan.advice = advise(auto.with_batch_size(recipe, plan.batch_size), gpu, plan, skip=skip)
+    return plan
 
 
 def with_overrides(recipe: Recipe, sets: list[str]) -> Recipe:
@@ -26,7 +39,7 @@ def advise(recipe: Recipe, gpu: GPU, plan: Plan, *, skip: tuple[PhaseKind, ...] 
 
     def attempt(change: str, sets: list[str], on: GPU = gpu):
         try:
-            p = make(with_overrides(recipe, sets), on, advice=False, skip=skip, data=plan.data)
+            p = planner.make(with_overrides(recipe, sets), on, skip=skip, data=plan.data)
         except UserError:
             return None
         return {"change": change, "set": sets, "peak_bytes": p.peak_bytes, "gpu": on.key, "fits": p.fits}

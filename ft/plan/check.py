@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from ft.errors import UserError
 from ft.plan import auto
+from ft.plan.auto import MARGIN  # refuse only past free memory x (1 + MARGIN); auto plans below x (1 - MARGIN)
 from ft.plan.advice import advise
 from ft.plan.hardware import GPU
 from ft.plan.memory import CUDA_CONTEXT, GiB
 from ft.plan.phases import PhaseKind
-from ft.plan.planner import Plan, make
+from ft.plan.planner import Plan, make  # without advice: check asks for it only when the GPU is too small
 from ft.recipe import Recipe
 
-MARGIN = 0.10  # refuse only when the plan's peak exceeds free memory by more than this (the planner's error band)
 
 
 def this_gpu():
@@ -37,8 +37,9 @@ def resolve_batch_size(recipe: Recipe, *, log=print) -> Recipe:
         size = auto.cpu_batch_size(recipe)
         log(f"train.batch_size auto: {size} (no GPU: a small fixed micro-batch)")
     else:
-        size, why = auto.choose(recipe, gpu)
-        log(why)
+        plan = make(recipe, gpu)  # the plan of train.batch_size auto chooses the micro-batch (and says why in a note)
+        size = plan.batch_size
+        log(next(note for note in plan.notes if note.startswith("train.batch_size auto")))
     return auto.with_batch_size(recipe, size)
 
 
@@ -53,7 +54,7 @@ def check_before_training(recipe: Recipe, *, force: bool = False, skip: tuple[Ph
         return None
     free, name = here.memory - CUDA_CONTEXT, torch.cuda.get_device_name()
     try:
-        plan = make(recipe, here, advice=False, skip=skip)
+        plan = make(recipe, here, skip=skip)
     except UserError as e:
         log(f"note: memory check skipped: {e}")
         return None

@@ -306,7 +306,7 @@ class StagePlan(NamedTuple):
     sampling_batch: str | None = None  # the recipe key of its generate() batch, which advice may lower
 
 
-# What the planner adds to each stage declared in ft/stages/__init__.py (which owns what a stage is, its data kind
+# What the planner adds to each stage declared in ft/stages/registry.py (which owns what a stage is, its data kind
 # among it): how its memory and time are counted.
 STAGES: dict[str, StagePlan] = {
     "sft": StagePlan(phases_sft),

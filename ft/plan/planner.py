@@ -10,11 +10,11 @@ from ft.errors import UserError
 from ft.plan import auto
 from ft.plan.datasize import DataSize, data_size, tokenizer_file
 from ft.plan.hardware import GPU
-from ft.plan.memory import Step, finish
+from ft.plan.memory import GiB, Step, finish
 from ft.plan.phases import STAGES, Context, Phase, PhaseKind
 from ft.plan.shapes import model_shape
 from ft.recipe import Recipe
-from ft.stages import STAGES as declared
+from ft.stages.registry import STAGES as declared
 
 
 @dataclass
@@ -103,12 +103,11 @@ class Plan:
         }
 
 
-def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool = True,
-         skip: tuple[PhaseKind, ...] = (), data: DataSize | None = None) -> Plan:
-    """The plan of a validated recipe on a GPU. `skip`: phase kinds to leave out (("train",): rejection --no-train).
-    `data`: the training data's size, if already known (advice re-plans the same data many times)."""
-    from ft.plan.advice import advise  # advice re-plans with make(): the two call each other
-
+def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, skip: tuple[PhaseKind, ...] = (),
+         data: DataSize | None = None) -> Plan:
+    """The plan of a validated recipe on a GPU, without advice (ft.plan.make adds it when the plan does not fit).
+    `skip`: phase kinds to leave out (("train",): rejection --no-train). `data`: the training data's size, if already
+    known (advice re-plans the same data many times)."""
     stage = STAGES.get(recipe.stage)
     if stage is None:
         raise UserError(f"stage {recipe.stage}: plan knows {', '.join(STAGES)}")
@@ -117,7 +116,7 @@ def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool 
         data = data_size(recipe.data.train, kind=declared[recipe.stage].data_kind, tokenizer_file=tokenizer_file(recipe))
     auto_note = None
     if recipe.train.batch_size == "auto":  # the micro-batch the stage will choose on this GPU at start-up
-        size, auto_note = auto.choose(recipe, gpu, session_hours=session_hours, skip=skip)
+        size, auto_note = choose_batch_size(recipe, gpu, data, session_hours=session_hours, skip=skip)
         recipe = auto.with_batch_size(recipe, size)
     ctx = Context(recipe, shape, gpu, data)
     if auto_note:
@@ -131,6 +130,24 @@ def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool 
                          "training data size unknown: time from train.max_steps")
     plan = Plan(recipe.stage, recipe.model.name, source, gpu, phases, data, ctx.schedule, session_hours, ctx.notes,
                 ctx.step(), batch_size=recipe.train.batch_size, batch_size_auto=auto_note is not None)
-    if advice and not plan.fits:
-        plan.advice = advise(recipe, gpu, plan, skip=skip)
     return plan
+
+
+def choose_batch_size(recipe: Recipe, gpu: GPU, data: DataSize, **make_options) -> tuple[int, str]:
+    """(the micro-batch, a line saying why) for `recipe` (train.batch_size auto) on `gpu`: the largest of
+    auto.candidates whose plan peaks at most (1 - auto.MARGIN) x the GPU's memory; 1 if none does (the plan of 1
+    then says it does not fit)."""
+    budget = gpu.memory * (1 - auto.MARGIN)
+    chosen, peak, first = None, None, None
+    for b in auto.candidates(recipe):
+        plan = make(auto.with_batch_size(recipe, b), gpu, data=data, **make_options)
+        first = first or plan
+        if plan.peak_bytes > budget:
+            break  # a larger micro-batch only needs more
+        chosen, peak = b, plan.peak_bytes
+    share, memory = f"{1 - auto.MARGIN:.0%}", f"{gpu.label}'s {gpu.memory / GiB:.1f} GiB"
+    if chosen is None:
+        return 1, (f"train.batch_size auto: 1, though even 1 is planned at {first.peak_bytes / GiB:.1f} GiB "
+                   f"({first.peak_phase.name}), above {share} of {memory}")
+    return chosen, (f"train.batch_size auto: {chosen}, the largest micro-batch whose planned peak ({peak / GiB:.1f} "
+                    f"GiB) fits {share} of {memory}")

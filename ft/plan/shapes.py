@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ft import tiny
 from ft.errors import UserError
+from ft.hub_id import is_hub_id
 from ft.plan.memory import Shape
 
 # Llama 2's published shapes (the paper, Table 1, and Meta's params.json).
@@ -69,7 +70,7 @@ def model_shape(name: str) -> tuple[Shape, str]:
         if not config.is_file():
             raise UserError(f"model.name {name!r}: the folder has no config.json")
         return shape_from_config(_read_json(config), str(config)), f"{config}"
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if not is_hub_id(name):
         raise UserError(f"model.name {name!r}: no such folder, and not a Hub id of the form owner/name")
     cached = hub_cache_file(name, "config.json")
     if cached is None:

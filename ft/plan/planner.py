@@ -135,14 +135,15 @@ def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, skip: tuple[P
 
 def choose_batch_size(recipe: Recipe, gpu: GPU, data: DataSize, **make_options) -> tuple[int, str]:
     """(the micro-batch, a line saying why) for `recipe` (train.batch_size auto) on `gpu`: the largest of
-    auto.candidates whose plan peaks at most (1 - auto.MARGIN) x the GPU's memory; 1 if none does (the plan of 1
-    then says it does not fit)."""
+    auto.candidates whose plan peaks at most (1 - auto.MARGIN) x the GPU's memory, or at most the peak of
+    micro-batch 1 where another phase (sampling) needs more than that anyway; 1 if none does (the plan of 1 then says
+    it does not fit)."""
     budget = gpu.memory * (1 - auto.MARGIN)
     chosen, peak, first = None, None, None
     for b in auto.candidates(recipe):
         plan = make(auto.with_batch_size(recipe, b), gpu, data=data, **make_options)
         first = first or plan
-        if plan.peak_bytes > budget:
+        if plan.peak_bytes > max(budget, first.peak_bytes if first.fits else 0):
             break  # a larger micro-batch only needs more
         chosen, peak = b, plan.peak_bytes
     share, memory = f"{1 - auto.MARGIN:.0%}", f"{gpu.label}'s {gpu.memory / GiB:.1f} GiB"
@@ -150,4 +151,6 @@ def choose_batch_size(recipe: Recipe, gpu: GPU, data: DataSize, **make_options) 
         return 1, (f"train.batch_size auto: 1, though even 1 is planned at {first.peak_bytes / GiB:.1f} GiB "
                    f"({first.peak_phase.name}), above {share} of {memory}")
     return chosen, (f"train.batch_size auto: {chosen}, the largest micro-batch whose planned peak ({peak / GiB:.1f} "
-                    f"GiB) fits {share} of {memory}")
+                    f"GiB) fits {share} of {memory}" if peak <= budget else
+                    f"train.batch_size auto: {chosen}, the largest micro-batch that keeps the planned peak at "
+                    f"{peak / GiB:.1f} GiB, what {first.peak_phase.name} needs anyway (over {share} of {memory})")

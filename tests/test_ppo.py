@@ -532,3 +532,72 @@ def test_a_reward_model_trained_on_another_base_is_loaded_on_its_own_and_the_log
     questions = [p["prompt"] for p in prompts[:2]]
     assert rewards(questions, ["The capital of France is Paris.", "Maybe."])[0] == \
         reward_model.Scorer.load(other)(questions, ["The capital of France is Paris.", "Maybe."])
+
+
+def capital_pairs() -> list[dict]:
+    """Preference pairs that teach a reward model to like capitalised words whatever they say: each taught question
+    with another question's answer in Title Case preferred to its own right answer, and its right answer in Title
+    Case preferred to the same in lower case."""
+    import random
+
+    dialogs = [json.loads(line)["messages"] for line in (ROOT / "datasets" / "tiny_chat.jsonl").read_text().splitlines()]
+    qa = [(m[-2]["content"], m[-1]["content"]) for m in dialogs if len(m) == 2]
+    title = lambda text: " ".join(w[:1].upper() + w[1:] for w in text.split())
+    rng, rows = random.Random(0), []
+    for question, answer in qa:
+        other = rng.choice([a for _, a in qa if a != answer])
+        rows.append({"prompt": question, "chosen": title(other), "rejected": answer})
+        rows.append({"prompt": question, "chosen": title(answer), "rejected": answer.lower()})
+    return rows
+
+
+def sampled_answers(run, n=4):
+    """`n` answers sampled (temperature 1) by the run's policy to each of the 16 tiny prompts: the share that are
+    right (reward_functions.correct) and the share of their words that are capitalised."""
+    from ft.recipe import LoraSection, ModelSection
+    from ft.reward_model import load_reward_function
+    from ft.sampling import generate
+
+    model = models.attach_lora(models.load_model(ModelSection(name="builtin:tiny-llama-2")), LoraSection(), adapter=str(run),
+                               gradient_checkpointing=False)
+    prompts = [[{"role": "user", "content": json.loads(line)["prompt"]}]
+               for line in (ROOT / "datasets" / "tiny_prompts.jsonl").read_text().splitlines()]
+    torch.manual_seed(0)
+    out = generate(model, models.load_tokenizer(str(run)), prompts, n=n, max_new_tokens=16, batch_size=16)
+    asked, answers = [p for p, a in zip(prompts, out) for _ in a], [c.text for a in out for c in a]
+    words = [w for a in answers for w in a.split()]
+    right = sum(load_reward_function(f"{FUNCTIONS}:correct")(asked, answers)) / len(answers)
+    return right, sum(w[:1].isupper() for w in words) / max(len(words), 1), answers
+
+
+@SLOW
+def test_a_reward_model_that_likes_capitals_does_not_take_the_shipped_ppo_recipe_off_task(trained_run, tmp_path):
+    """Issue 25's setup: a `llama-ft reward` model trained to prefer capitalised words to right answers, and PPO from
+    an SFT run that answers right, with recipes/ppo.yaml's settings; only the model, the data, the sizes (16 prompts x
+    4 answers per iteration, 30 iterations) and the learning rate (3e-4: the tiny model's LoRA barely moves at the
+    recipe's 1e-5) changed. The reward model's score (its taste for capitals) rises, and at least 0.7 of the sampled
+    answers stay right (with the recipe's former start beta 0.01, 0.27: "A cold is Paris.", "Aaly is Rome.")."""
+    sft, _ = trained_run
+    pairs = tmp_path / "capitals.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in capital_pairs()))
+    rm = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", tmp_path / "rm", *TINY, "--set",
+                 f"data.train={pairs}", "--set", "data.eval=null", "--set", "train.max_steps=60", "--set",
+                 "train.learning_rate=1e-3", "--set", "train.batch_size=4")
+    assert rm.returncode == 0, rm.stderr[-3000:]
+    assert json.loads((tmp_path / "rm" / "metrics.json").read_text())["accuracy"]["overall"] == 1.0
+    sets = [f"model.adapter={sft}", "data.train=datasets/tiny_prompts.jsonl", "data.eval=null", "data.max_length=128",
+            f"ppo.reward_models=[{tmp_path / 'rm'}]", "ppo.safety_model=null", "ppo.reward_function=null",
+            "ppo.batch_size=16", "ppo.samples_per_prompt=4", "ppo.mini_batch_size=16", "ppo.generation_batch_size=16",
+            "ppo.max_new_tokens=16", "train.batch_size=16", "train.max_steps=30", "train.learning_rate=3e-4",
+            "train.logging_steps=10"]
+    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / "ppo", *TINY,
+                     *(x for s in sets for x in ("--set", s)), timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "ppo" / "metrics.json").read_text())["history"]
+    right_before, capitals_before, _ = sampled_answers(sft)
+    right, capitals, answers = sampled_answers(tmp_path / "ppo")
+    print(f"\nright {right_before:.2f} -> {right:.2f}, capitals {capitals_before:.2f} -> {capitals:.2f}, reward "
+          f"{[round(h['reward'], 2) for h in history]}, KL {[round(h['kl'], 2) for h in history]}: {answers[::8]}")
+    first, last = (sum(h["reward"] for h in part) / 5 for part in (history[:5], history[-5:]))
+    assert last > first + 0.3 and capitals >= capitals_before - 0.02  # the reward model's taste is followed
+    assert right >= 0.7, answers  # and the task is not given up for it

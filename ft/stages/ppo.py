@@ -25,6 +25,11 @@ One iteration (train.max_steps of them):
     ppo.kl_target it adapts after each iteration (rl.adaptive_kl_coef, kept in the checkpoint's state);
  5. ppo.epochs passes of clipped policy loss + ppo.vf_coef x clipped value loss, one optimiser step per
     ppo.mini_batch_size answers (train.batch_size per forward pass), AdamW from train:, dropout off.
+Each pass over the rollout (old log-probs, reference, values, the policy's and the value model's updates) runs in
+padded micro-batches of train.batch_size answers with its adapter switched on once; each phase is timed
+(`PhaseTimer`, metrics.json's phase_seconds). With data.eval, every ppo.eval_every iterations the policy answers
+the held-out prompts: the best held-out reward is the policy kept, and the run stops early as `early_stop` says
+(`HeldOut`, Llama 2's early stopping), with `drift_warnings` for garble or repetition there.
 A step with a non-finite loss or gradient is skipped and counted. When the KL to the reference runs past
 KL_WARN_FACTOR x ppo.kl_target (KL_WARN_NATS with a fixed beta) or one answer is given to most of an iteration's
 prompts, the log says so once per run, with the numbers and the keys to change (`runaway_warnings`). A checkpoint every train.save_steps

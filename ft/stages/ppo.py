@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from ft import data, memory_use, models, reward_model, rl, runs, sampling
+from ft import data, models, reward_model, rl, runs, sampling
 from ft.errors import Interrupted
 from ft.recipe import Recipe
 from ft.rl import Rollout
@@ -107,9 +107,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         from ft.stages import ppo_trl  # imported here: ppo_trl builds on this module's load_policy
 
         return ppo_trl.run(recipe, function, resume=resume, log=log)
-    out, checkpoint = runs.prepare(recipe, resume=resume)
-    set_seed(t.seed)
-    log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
+    out, checkpoint = common.start(recipe, resume=resume, log=log)
 
     # 1. prompts (checked first), then one 4-bit base with the policy, reference, value and reward adapters
     ppo, prompts, report, eval_prompts = setup(recipe, function, log)
@@ -128,16 +126,12 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     held_out = HeldOut(ppo, eval_prompts, out, total, seed=t.seed, log=log) if eval_prompts and cfg.eval_every else None
     if held_out is not None and not state["held_out"]:
         held_out(state)  # iteration 0: the SFT policy, the first candidate to keep
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    with common.interruptible() as stopper:
+    with common.measured() as measured, common.interruptible() as stopper:
         after = AfterIteration(ppo, recipe, out, state, total, writer, stopper, log)
         fit(ppo, prompts, state, total, seed=t.seed, after_iteration=after, held_out=held_out)
     after.bar.close()
     if writer is not None:
         writer.close()
-    seconds = time.perf_counter() - started
 
     # 3. the kept policy adapter (the run's adapter), the value model beside it, the tokenizer; metrics last
     kept = held_out.restore_kept(state) if held_out is not None else {
@@ -167,9 +161,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "reward_sources": ppo.rewards.names,
         "value_init": ppo.value_init,
         "resumed_from": checkpoint,
-        "train_seconds": round(seconds, 3),
+        **measured,
         **ppo.timer.report(),
-        **memory_use.training_peak(),
         "data": {"train": vars(report)},
     }
     if eval_prompts:
@@ -387,7 +380,7 @@ def setup(recipe: Recipe, function=None, log=print):
     if rm_adapter is not None:
         models.add_adapter(model, "value", copy_of=rm_adapter, trainable=True)
     else:
-        models.add_adapter(model, "value", lora=recipe.lora, trainable=True)
+        models.add_adapter(model, "value", lora=runs.trained_lora(recipe), trainable=True)
     value_head = torch.nn.Linear(model.config.hidden_size, 1, bias=False, device=model.device, dtype=torch.float32)
     with torch.no_grad():
         value_head.weight.copy_(rm_head if rm_head is not None else torch.zeros_like(value_head.weight))

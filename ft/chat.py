@@ -104,7 +104,7 @@ class Session:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        if self.stop.is_set():  # stopped before it began (the page's stop while the request waited): nothing generated
+        if self.stop.is_set():  # stopped before it began: nothing is generated, no turn kept
             self.last = Answer("", 0, 0.0, stopped=True)
             return
         resets = self.resets

@@ -100,6 +100,7 @@ def chat_page(session, *, title: str):
             return
         if apply(tab, system, temperature, top_p, max_new_tokens):
             shown = []
+        tab.stop.clear()
         resets = tab.resets
         shown = list(shown) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         text = ""
@@ -119,11 +120,6 @@ def chat_page(session, *, title: str):
             shown = shown[:-2]
         status = f"{'stopped after ' if answer.stopped else ''}{answer.tokens} tokens, {speed(answer)}"
         yield "", shown, status, gr.update(value=_transcript_file(tab.folder, tab.transcript()))
-
-    def arm(tab):
-        """At the click, before the request joins the queue: a stop pressed from now on, while it waits behind another
-        tab's answer, still counts (submit no longer clears it when its turn comes)."""
-        tab.stop.clear()
 
     def stop(tab):
         tab.stop.set()  # the one stop path: the generation ends at its next token and marks the answer stopped
@@ -155,8 +151,8 @@ def chat_page(session, *, title: str):
                                            label="max new tokens", elem_id="max_new_tokens")
         inputs = [message, dialog, tab, system, temperature, top_p, max_new_tokens]
         outputs = [message, dialog, status, download]
-        send.click(arm, [tab], None, queue=False).then(submit, inputs, outputs)
-        message.submit(arm, [tab], None, queue=False).then(submit, inputs, outputs)
+        send.click(submit, inputs, outputs)
+        message.submit(submit, inputs, outputs)
         stop_button.click(stop, [tab], None, queue=False)  # not queued: it must run while the answer holds the queue
         clear_button.click(clear, [tab], [dialog, status, download], queue=False)
         dialog.clear(clear, [tab], [dialog, status, download], queue=False)  # the dialog's own trash icon, the same

@@ -49,6 +49,7 @@ class Report:
     chat_format: str | None = None  # chat_format.describe: llama2, or the model's own template and its end of turn
     pad: str | None = None  # the pad token chosen (models.choose_pad) and its id
     notes: list[str] = field(default_factory=list)
+    too_long: str = "answer entirely beyond max_length"  # what made a row too long, for the summary
 
     def note_tokenizer(self, tokenizer) -> None:
         """Record the chat format and the pad token the rows were (or will be) rendered with."""
@@ -60,7 +61,7 @@ class Report:
         if self.skipped_invalid:
             parts.append(f"{self.skipped_invalid} invalid rows skipped")
         if self.dropped_too_long:
-            parts.append(f"{self.dropped_too_long} dropped (answer entirely beyond max_length)")
+            parts.append(f"{self.dropped_too_long} dropped ({self.too_long})")
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_length")
         if self.packed_rows is not None:
@@ -441,11 +442,24 @@ def pair_margin(pair: dict, mode: str) -> float:
     return MARGINS[mode][STRENGTHS.index(pair["strength"])] if pair["strength"] else 0.0
 
 
-def load_prompts(sources: list[DataSource], *, skip_invalid: bool) -> tuple[list[dict], Report]:
+def load_prompts(sources: list[DataSource], *, skip_invalid: bool, tokenizer=None,
+                 max_length: int | None = None) -> tuple[list[dict], Report]:
     """Prompts to answer: rows with a `prompt` (text or messages), `messages`, or a preference row's `chosen`
     dialog (Anthropic HH text or messages; a final answer is dropped), and an optional `safety: true` flag (the
-    prompt is known to be adversarial)."""
-    return check_rows(sources, lambda row, source: to_prompt(row), skip_invalid=skip_invalid, what="prompts")
+    prompt is known to be adversarial). With a tokenizer and `max_length`, a prompt longer than max_length tokens
+    once chat-formatted is dropped and counted (`report.dropped_too_long`, in the summary); none left is a UserError.
+    PPO, RLOO, GRPO and rejection sampling read their prompts here."""
+    prompts, report = check_rows(sources, lambda row, source: to_prompt(row), skip_invalid=skip_invalid, what="prompts")
+    if tokenizer is None or max_length is None:
+        return prompts, report
+    kept = [p for p in prompts
+            if len(tokenizer.apply_chat_template(p["prompt"], tokenize=True, return_dict=True)["input_ids"]) <= max_length]
+    report.dropped_too_long, report.examples = len(prompts) - len(kept), len(kept)
+    report.too_long = f"prompt longer than data.max_length={max_length} tokens"
+    if not kept:
+        names = ", ".join(s.path for s in sources)
+        raise UserError(f"{names}: every prompt is longer than data.max_length={max_length} tokens")
+    return kept, report
 
 
 def to_prompt(row: dict) -> dict:

@@ -153,7 +153,11 @@ def model_card(folder: Path, repo_id: str) -> str:
 def _result(stage: str, m: dict) -> str:
     """One cell of the training table: pairwise accuracy for a reward model, else the loss curve's ends."""
     if m.get("reward_first") is not None:  # ppo / rloo / grpo
-        return f"{m.get('algorithm', 'ppo')}: reward {m['reward_first']:.3f} → {m['reward_last']:.3f}, KL {m.get('kl_last') or 0:.3f}"
+        beta = m.get("kl_coef_final")
+        beta = "" if beta is None else (f", β {beta:.4g}" + (f" (adapted to hold {m['kl_target']:g} nats)"
+                                                            if m.get("kl_target") is not None else " (fixed)"))
+        return (f"{m.get('algorithm', 'ppo')}: reward {m['reward_first']:.3f} → {m['reward_last']:.3f}, "
+                f"KL {m.get('kl_last') or 0:.3f}{beta}")
     if isinstance(m.get("accuracy"), dict):
         return f"pairwise accuracy {m['accuracy']['overall']:.1%} ({m.get('accuracy_split', '')})"
     losses = m.get("losses") or [x for x in (m.get("loss_first"), m.get("loss_last")) if x is not None]

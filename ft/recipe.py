@@ -117,7 +117,18 @@ class TrainSection(Section):
     optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = Field(
         "adamw_torch", description="Optimiser (the paged ones need a CUDA GPU)."
     )
-    batch_size: int = Field(1, gt=0, description="Sequences per device per step (with packing, packs per step).")
+    batch_size: int | Literal["auto"] = Field(
+        1, description="Sequences per device per forward pass (with packing, packs; ppo: answers). auto: the largest "
+        "micro-batch whose planned peak (llama-ft plan) fits this GPU with the plan's 10% margin, chosen at start-up "
+        "and printed (a small fixed default on the CPU)."
+    )
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("must be a positive number of sequences, or auto")
+        return value
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimiser step.")
     gradient_checkpointing: bool = Field(True, description="Non-reentrant activation checkpointing (saves memory).")
     save_steps: int = Field(200, gt=0, description="Write checkpoint-N/ every N steps.")
@@ -205,6 +216,15 @@ class PPOSection(Section):
         1.0, ge=0, description="Subtracted from the (whitened) score of an answer without </s> within max_new_tokens."
     )
     whiten_rewards: bool = Field(True, description="Whiten the combined score over each iteration's answers (Llama 2).")
+    eval_every: int | None = Field(
+        10, gt=0, description="With data.eval (ppo only): every this many iterations (and before the first and after "
+        "the last), one sampled answer per held-out prompt: mean reward, KL to the reference, entropy; the policy with "
+        "the best held-out reward is the one kept. null: held-out prompts are only scored at the start and the end."
+    )
+    eval_patience: int | None = Field(
+        3, gt=0, description="Stop when the held-out reward has not beaten its best for this many evaluations in a row "
+        "(or has fallen while the KL climbed at two evaluations in a row). null: never stop early."
+    )
 
     @model_validator(mode="after")
     def _one_reward_source(self):
@@ -225,7 +245,7 @@ class PPOSection(Section):
 
     def check_recipe(self, recipe: "Recipe") -> None:
         """What the ppo: section needs of the rest of the recipe (Recipe's validator calls a stage section's check)."""
-        if self.mini_batch_size % recipe.train.batch_size:
+        if recipe.train.batch_size != "auto" and self.mini_batch_size % recipe.train.batch_size:
             raise ValueError(f"train.batch_size {recipe.train.batch_size} (answers per forward pass) must divide "
                              f"ppo.mini_batch_size {self.mini_batch_size}")
         if recipe.train.gradient_accumulation_steps != 1:

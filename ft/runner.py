@@ -50,6 +50,8 @@ def run_stage(stage: str, recipe: str | Path, *, overrides: Sequence[str] = (), 
         raise UserError(f"llama-ft {stage} runs in one process (its models share one GPU); start it without torchrun or "
                         f"accelerate launch. Several processes: {several}")
     distributed.setup()  # before any model is loaded
+    # train.batch_size auto: the micro-batch for this GPU (or the CPU's default), said once, then a number everywhere
+    loaded = plan_mod.resolve_batch_size(loaded, log=lambda m: distributed.main_print(m, file=sys.stderr))
     if not distributed.is_sharded():  # every GPU holds the whole model: one GPU's plan applies
         plan_mod.check_before_training(loaded, force=force, skip=() if train else ("train",),
                                        log=lambda m: distributed.main_print(m, file=sys.stderr))

@@ -30,7 +30,6 @@ def capitals(prompts, completions, **kwargs):
     return [sum(w[:1].isupper() for w in c.split()) / 5 for c in completions]
 
 
-
 # the word that answers each invented fact of datasets/smol_facts.jsonl (and its paraphrases, same order)
 SMOL_KEYS = ["quillport", "purple", "tolvanen", "moss", "seven", "cloudball", "toot-wee", "amberflow"]
 _SMOL = {json.loads(line)["messages"][0]["content"]: key for line, key in zip(
@@ -40,3 +39,8 @@ _SMOL = {json.loads(line)["messages"][0]["content"]: key for line, key in zip(
 def smol_facts(prompts, completions, **kwargs):
     """1 when the answer names the invented fact recipes/smol.yaml teaches (Quillport, purple, ...), else 0."""
     return [1.0 if _SMOL.get(p[-1]["content"], "\0") in c.lower() else 0.0 for p, c in zip(prompts, completions)]
+
+
+def constant(prompts, completions, **kwargs):
+    """The same score for every answer: nothing for PPO to learn, so the held-out reward never improves."""
+    return [0.0 for _ in completions]

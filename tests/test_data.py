@@ -186,3 +186,16 @@ def test_preference_rows_give_prompts_for_rejection_sampling_and_ppo():
                                             {"role": "user", "content": "Capital of Peru?"}]
     with pytest.raises(data.RowError, match="'chosen' dialog"):
         data.to_prompt({"question": "Q"})
+
+
+def test_prompts_longer_than_max_length_are_dropped_and_counted_for_ppo_and_rejection_alike(tmp_path, tokenizer):
+    rows = [{"prompt": "Capital of Peru?"}, {"prompt": "word " * 60}, {"prompt": "Hi", "safety": True}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    every, report = data.load_prompts([src(path)], skip_invalid=False)  # no tokenizer: nothing measured, all kept
+    assert len(every) == 3 and report.dropped_too_long == 0
+    kept, report = data.load_prompts([src(path)], skip_invalid=False, tokenizer=tokenizer, max_length=40)
+    assert [p["prompt"][-1]["content"] for p in kept] == ["Capital of Peru?", "Hi"] and kept[1]["safety"]
+    assert report.rows == 3 and report.examples == 2 and report.dropped_too_long == 1
+    assert "1 dropped (prompt longer than data.max_length=40 tokens)" in report.summary("prompts")
+    with pytest.raises(UserError, match="p.jsonl: every prompt is longer than data.max_length=3 tokens"):
+        data.load_prompts([src(path)], skip_invalid=False, tokenizer=tokenizer, max_length=3)

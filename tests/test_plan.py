@@ -411,3 +411,36 @@ def test_utilisation_constants_follow_from_the_published_throughputs():
     step = plan.Step(shape=plan.LLAMA2["7b"], sequences=4, length=1024, targets=("q_proj", "v_proj"), r=8, head="full")
     util = 4096 * plan.flops_per_token(step) / (4096 / 2415 - plan.fixed_seconds(step, a100)) / (a100.tflops * 1e12)
     assert abs(util - a100.utilisation) < 0.01, util
+
+
+# ---------------------------------------------------------------- train.batch_size: auto
+
+
+def test_auto_batch_size_is_the_largest_micro_batch_that_fits_the_gpu_with_the_margin():
+    ppo = ROOT / "recipes" / "ppo.yaml"  # ships with train.batch_size: auto
+    assert recipe.load(ppo).train.batch_size == "auto"
+    on_t4 = make(ppo)
+    assert on_t4.batch_size_auto and on_t4.to_json()["batch_size"] == on_t4.batch_size == 8
+    t4 = plan.parse_gpu("t4").memory
+    assert on_t4.peak_bytes <= 0.9 * t4 < make(ppo, ["train.batch_size=16"]).peak_bytes  # 16: the next divisor
+    assert "batch 8 (auto) x 512 tokens" in plan.render(on_t4, recipe.load(ppo), "ppo.yaml")
+    assert any(n.startswith("train.batch_size auto: 8, the largest micro-batch") for n in on_t4.notes)
+    assert make(ppo, gpu="a100-80g").batch_size == 16  # ppo: at most ppo.mini_batch_size, a divisor of it
+    chat = make(CHAT, ["train.batch_size=auto"])
+    assert chat.batch_size == 2 and make(CHAT, ["train.batch_size=4"]).peak_bytes > 0.9 * t4
+    tight = make(CHAT, ["train.batch_size=auto", "data.max_length=16384"])  # nothing fits: 1, and the plan says so
+    assert tight.batch_size == 1 and not tight.fits and tight.advice and "even 1 is planned at" in tight.notes[0]
+
+
+def test_auto_batch_size_on_the_cpu_is_a_small_fixed_default_and_bad_values_are_refused(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    said = []
+    for mini, expected in ((16, 4), (6, 3), (2, 2)):
+        loaded = recipe.load(ROOT / "recipes" / "ppo.yaml", [f"ppo.mini_batch_size={mini}", "ppo.batch_size=48"])
+        assert plan.resolve_batch_size(loaded, log=said.append).train.batch_size == expected
+    assert said[0] == "train.batch_size auto: 4 (no GPU: a small fixed micro-batch)"
+    assert plan.resolve_batch_size(recipe.load(CHAT), log=said.append).train.batch_size == 1 and len(said) == 3
+    for bad in ("0", "big", "-2"):
+        with pytest.raises(UserError, match="train.batch_size"):
+            recipe.load(CHAT, [f"train.batch_size={bad}"])

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import cli, ROOT, TINY
+from conftest import cli, ROOT, TINY, run_cli
 from ft import models, reward_model, rl
 from ft.stages import ppo as ppo_stage
 
@@ -247,13 +247,16 @@ def ppo_run(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo") / "run"
     result = cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
                      *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
-                                "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5", *CONTROLLER))
+                                "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5", *CONTROLLER,
+                                *HELD_OUT))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
 
 # the adaptive beta on, with a short horizon so that it moves within 15 iterations of 16 answers
 CONTROLLER = ("ppo.kl_target=1.0", "ppo.kl_coef=0.01", "ppo.kl_horizon=50")
+# held-out prompts measured every 5 iterations, never stopping early
+HELD_OUT = ("data.eval=datasets/tiny_prompts.jsonl", "ppo.eval_every=5", "ppo.eval_patience=null")
 
 
 def test_ppo_raises_a_rule_based_reward_with_bounded_kl(ppo_run):
@@ -265,6 +268,12 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(ppo_run):
     rewards = [h["reward"] for h in history]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards  # shorter answers, as the reward asks
     assert history[0]["kl"] == 0.0 and max(h["kl"] for h in history) < 20
+    held_out = metrics["held_out"]  # before the first iteration, every 5, the last; the best one is the run's adapter
+    assert [h["iteration"] for h in held_out] == [0, 5, 10, 15] and held_out[0]["kl"] == 0.0
+    assert all(h["prompts"] == 16 and h["entropy"] > 0 and h["reference_logprob"] < 0 for h in held_out)
+    best = max(held_out, key=lambda h: h["reward"])
+    assert metrics["kept_iteration"] == best["iteration"] and "best held-out reward" in metrics["kept_reason"]
+    assert metrics["stopped_early"] is False and not (out / "kept").exists()
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "recipe.yaml",
                  "value/adapter_model.safetensors", "value/value_head.safetensors"):
         assert (out / name).is_file(), name
@@ -273,6 +282,8 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(ppo_run):
 
     card = hub.model_card(out, "alice/tiny-ppo")
     assert "| 2 | ppo | `datasets/tiny_prompts.jsonl` | 15 | ppo: reward" in card
+    assert f"β {metrics['kl_coef_final']:.4g} (adapted to hold 1 nats)" in card  # the KL target and the final beta
+    assert '"kl_target": 1.0' in card and f'"kl_coef_final": {metrics["kl_coef_final"]}' in card
     chat = cli("chat", out, "--prompt", "What is the capital of Peru?", "--temperature", "0", "--max-new-tokens", "12")
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
 
@@ -282,7 +293,7 @@ def test_interrupted_ppo_resumes_at_an_iteration_boundary_to_the_same_result(ppo
     sft, _ = trained_run
     out = tmp_path / "run"
     flags = ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
-                      "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5", *CONTROLLER)
+                      "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5", *CONTROLLER, *HELD_OUT)
     process = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ppo", "recipes/ppo.yaml", "--output-dir", str(out),
                                 *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -296,6 +307,7 @@ def test_interrupted_ppo_resumes_at_an_iteration_boundary_to_the_same_result(ppo
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, out))
     assert a["history"] == b["history"] and b["resumed_from"]
+    assert a["held_out"] == b["held_out"] and a["kept_iteration"] == b["kept_iteration"]  # measured the same
     betas = [h["kl_coef"] for h in a["history"]]  # the controller's beta, restored from checkpoint-5 exactly
     assert betas[0] == 0.01 and len(set(betas)) > 5 and a["kl_coef_final"] == b["kl_coef_final"] != betas[-1]
     from safetensors.torch import load_file
@@ -305,13 +317,64 @@ def test_interrupted_ppo_resumes_at_an_iteration_boundary_to_the_same_result(ppo
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
+def test_held_out_reward_that_never_improves_stops_the_run_and_keeps_the_starting_policy(trained_run, tmp_path):
+    """A reward with nothing to learn (every answer 0): the held-out reward never beats iteration 0's, so with
+    ppo.eval_patience 2 the run stops after two evaluations and its adapter is the SFT run's, unchanged."""
+    from safetensors.torch import load_file
+
+    sft, _ = trained_run
+    out = tmp_path / "run"
+    result = cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
+                 *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:constant", "ppo.reward_models=[]",
+                            "ppo.safety_model=null", "train.max_steps=10", "data.eval=datasets/tiny_prompts.jsonl",
+                            "ppo.eval_every=1", "ppo.eval_patience=2", "ppo.max_new_tokens=8"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_early"] and metrics["iterations"] == 2 and len(metrics["history"]) == 2
+    assert "has not beaten its best (0.0000, iteration 0) for 2 evaluations (ppo.eval_patience 2)" in metrics["stop_reason"]
+    assert metrics["kept_iteration"] == 0 and "stopping early after iteration 2" in result.stdout
+    kept, start = load_file(str(out / "adapter_model.safetensors")), load_file(str(sft / "adapter_model.safetensors"))
+    assert kept.keys() == start.keys() and all(torch.equal(kept[k], start[k]) for k in kept)
+    assert not (out / "kept").exists()
+
+
+def test_the_early_stopping_rule_keeps_the_best_and_stops_on_patience_or_a_fall_with_a_climbing_kl():
+    ev = lambda i, reward, kl: {"iteration": i, "reward": reward, "kl": kl}
+    rising = [ev(0, 0.1, 0.0), ev(5, 0.3, 1.0), ev(10, 0.5, 2.0)]
+    assert ppo_stage.early_stop(rising, 2) == (2, None)
+    flat = [ev(0, 0.5, 0.0), ev(5, 0.5, 1.0), ev(10, 0.4, 0.5)]  # equal rewards: the earliest is kept
+    kept, stop = ppo_stage.early_stop(flat, 2)
+    assert kept == 0 and "for 2 evaluations (ppo.eval_patience 2)" in stop
+    assert ppo_stage.early_stop(flat, 3) == (0, None) and ppo_stage.early_stop(flat, None) == (0, None)
+    falling = [ev(0, 0.1, 0.0), ev(5, 0.6, 1.0), ev(10, 0.5, 2.0), ev(15, 0.4, 3.0)]
+    kept, stop = ppo_stage.early_stop(falling, 5)
+    assert kept == 1 and "fell while the KL climbed at two evaluations in a row" in stop and "0.6000 -> 0.5000 -> 0.4000" in stop
+    once = falling[:3] + [ev(15, 0.45, 1.5)]  # the KL fell back: one fall with a climbing KL is not enough
+    assert ppo_stage.early_stop(once, 5) == (1, None)
+
+
+def test_drift_on_held_out_prompts_is_warned_for_garble_and_for_repetition(shared):
+    ppo, _ = shared
+    start = {"iteration": 0, "reward": 0.1, "kl": 0.0, "entropy": 2.0, "reference_logprob": -1.5,
+             "same_answer_share": 1 / 16, "prompts": 16}
+    assert ppo_stage.drift_warnings([start, {**start, "iteration": 5, "reference_logprob": -2.3}], ppo.cfg) == []
+    garble = {**start, "iteration": 10, "reference_logprob": -4.0, "kl": 9.0, "entropy": 2.5}  # varied, unlike the SFT's
+    [(kind, message)] = ppo_stage.drift_warnings([start, garble], ppo.cfg)
+    assert kind == "garble" and "2.50 nats per token less" in message and "ppo.kl_target" in message
+    repeated = {**start, "iteration": 10, "entropy": 0.3, "same_answer_share": 12 / 16}
+    [(kind, message)] = ppo_stage.drift_warnings([start, repeated], ppo.cfg)
+    assert kind == "repetition" and "0.300 nats per token" in message and "75% of the prompts" in message
+    assert [k for k, _ in ppo_stage.drift_warnings([start, {**garble, "entropy": 0.1}], ppo.cfg)] == ["garble", "repetition"]
+
+
 def test_grpo_runs_through_trl_with_the_same_reward_and_run_folder(trained_run, tmp_path):
+    """The shipped recipes/grpo.yaml, as is apart from the tiny model and data (no ppo.kl_target to unset)."""
     sft, _ = trained_run
     out = tmp_path / "grpo"
-    result = cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
-                     *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
-                                "ppo.safety_model=null", "ppo.algorithm=grpo", "ppo.kl_target=null", "ppo.batch_size=4",
-                                "ppo.samples_per_prompt=2", "ppo.max_new_tokens=8", "train.max_steps=1"))
+    result = cli("ppo", "recipes/grpo.yaml", "--output-dir", out,
+                 *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
+                            "ppo.safety_model=null", "ppo.batch_size=4", "ppo.samples_per_prompt=2",
+                            "ppo.max_new_tokens=8", "train.max_steps=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["algorithm"] == "grpo" and metrics["iterations"] == 1 and metrics["global_step"] == 1
@@ -326,6 +389,7 @@ def test_grpo_runs_through_trl_with_the_same_reward_and_run_folder(trained_run, 
     (["ppo.mini_batch_size=12"], "must divide"),
     (["train.gradient_accumulation_steps=4"], "leave train.gradient_accumulation_steps at 1"),
     (["ppo.algorithm=rloo", "ppo.kl_target=2"], "TRL's rloo trainer has no such controller"),
+    (["ppo.algorithm=grpo"], "start from recipes/grpo.yaml"),
     (["ppo.kl_target=0"], "ppo.kl_target"),
 ])
 def test_bad_ppo_recipes_exit_2_before_anything_runs(sets, message, tmp_path):
@@ -378,6 +442,7 @@ def learning_run(tmp_path, adapter, *sets):
 def test_correct_answers_rise_under_each_algorithm(half_trained, tmp_path, algorithm):
     first, last, history = learning_run(tmp_path / algorithm, half_trained, f"ppo.reward_function={FUNCTIONS}:correct",
                                         "ppo.reward_models=[]", "ppo.safety_model=null", f"ppo.algorithm={algorithm}",
+                                        "ppo.kl_coef=0.01",  # the beta (start) this check was written for
                                         *(("ppo.kl_target=null",) if algorithm != "ppo" else ()))
     assert last > first + 0.1, [round(h["reward"], 2) for h in history]
     assert max(h["kl"] for h in history) < 10
@@ -468,3 +533,72 @@ def test_a_reward_model_trained_on_another_base_is_loaded_on_its_own_and_the_log
     questions = [p["prompt"] for p in prompts[:2]]
     assert rewards(questions, ["The capital of France is Paris.", "Maybe."])[0] == \
         reward_model.Scorer.load(other)(questions, ["The capital of France is Paris.", "Maybe."])
+
+
+def capital_pairs() -> list[dict]:
+    """Preference pairs that teach a reward model to like capitalised words whatever they say: each taught question
+    with another question's answer in Title Case preferred to its own right answer, and its right answer in Title
+    Case preferred to the same in lower case."""
+    import random
+
+    dialogs = [json.loads(line)["messages"] for line in (ROOT / "datasets" / "tiny_chat.jsonl").read_text().splitlines()]
+    qa = [(m[-2]["content"], m[-1]["content"]) for m in dialogs if len(m) == 2]
+    title = lambda text: " ".join(w[:1].upper() + w[1:] for w in text.split())
+    rng, rows = random.Random(0), []
+    for question, answer in qa:
+        other = rng.choice([a for _, a in qa if a != answer])
+        rows.append({"prompt": question, "chosen": title(other), "rejected": answer})
+        rows.append({"prompt": question, "chosen": title(answer), "rejected": answer.lower()})
+    return rows
+
+
+def sampled_answers(run, n=4):
+    """`n` answers sampled (temperature 1) by the run's policy to each of the 16 tiny prompts: the share that are
+    right (reward_functions.correct) and the share of their words that are capitalised."""
+    from ft.recipe import LoraSection, ModelSection
+    from ft.reward_model import load_reward_function
+    from ft.sampling import generate
+
+    model = models.attach_lora(models.load_model(ModelSection(name="builtin:tiny-llama-2")), LoraSection(), adapter=str(run),
+                               gradient_checkpointing=False)
+    prompts = [[{"role": "user", "content": json.loads(line)["prompt"]}]
+               for line in (ROOT / "datasets" / "tiny_prompts.jsonl").read_text().splitlines()]
+    torch.manual_seed(0)
+    out = generate(model, models.load_tokenizer(str(run)), prompts, n=n, max_new_tokens=16, batch_size=16)
+    asked, answers = [p for p, a in zip(prompts, out) for _ in a], [c.text for a in out for c in a]
+    words = [w for a in answers for w in a.split()]
+    right = sum(load_reward_function(f"{FUNCTIONS}:correct")(asked, answers)) / len(answers)
+    return right, sum(w[:1].isupper() for w in words) / max(len(words), 1), answers
+
+
+@SLOW
+def test_a_reward_model_that_likes_capitals_does_not_take_the_shipped_ppo_recipe_off_task(trained_run, tmp_path):
+    """Issue 25's setup: a `llama-ft reward` model trained to prefer capitalised words to right answers, and PPO from
+    an SFT run that answers right, with recipes/ppo.yaml's settings; only the model, the data, the sizes (16 prompts x
+    4 answers per iteration, 30 iterations) and the learning rate (3e-4: the tiny model's LoRA barely moves at the
+    recipe's 1e-5) changed. The reward model's score (its taste for capitals) rises, and at least 0.7 of the sampled
+    answers stay right (with the recipe's former start beta 0.01, 0.27: "A cold is Paris.", "Aaly is Rome.")."""
+    sft, _ = trained_run
+    pairs = tmp_path / "capitals.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in capital_pairs()))
+    rm = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", tmp_path / "rm", *TINY, "--set",
+                 f"data.train={pairs}", "--set", "data.eval=null", "--set", "train.max_steps=60", "--set",
+                 "train.learning_rate=1e-3", "--set", "train.batch_size=4")
+    assert rm.returncode == 0, rm.stderr[-3000:]
+    assert json.loads((tmp_path / "rm" / "metrics.json").read_text())["accuracy"]["overall"] == 1.0
+    sets = [f"model.adapter={sft}", "data.train=datasets/tiny_prompts.jsonl", "data.eval=null", "data.max_length=128",
+            f"ppo.reward_models=[{tmp_path / 'rm'}]", "ppo.safety_model=null", "ppo.reward_function=null",
+            "ppo.batch_size=16", "ppo.samples_per_prompt=4", "ppo.mini_batch_size=16", "ppo.generation_batch_size=16",
+            "ppo.max_new_tokens=16", "train.batch_size=16", "train.max_steps=30", "train.learning_rate=3e-4",
+            "train.logging_steps=10"]
+    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / "ppo", *TINY,
+                     *(x for s in sets for x in ("--set", s)), timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "ppo" / "metrics.json").read_text())["history"]
+    right_before, capitals_before, _ = sampled_answers(sft)
+    right, capitals, answers = sampled_answers(tmp_path / "ppo")
+    print(f"\nright {right_before:.2f} -> {right:.2f}, capitals {capitals_before:.2f} -> {capitals:.2f}, reward "
+          f"{[round(h['reward'], 2) for h in history]}, KL {[round(h['kl'], 2) for h in history]}: {answers[::8]}")
+    first, last = (sum(h["reward"] for h in part) / 5 for part in (history[:5], history[-5:]))
+    assert last > first + 0.3 and capitals >= capitals_before - 0.02  # the reward model's taste is followed
+    assert right >= 0.7, answers  # and the task is not given up for it

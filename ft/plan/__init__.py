@@ -22,7 +22,7 @@ The modules, in the order the data flows:
 """
 
 from ft.plan.advice import advise, make, with_overrides
-from ft.plan.check import MARGIN, check_before_training
+from ft.plan.check import MARGIN, check_before_training, resolve_batch_size
 from ft.plan.datasize import (CHARS_PER_TOKEN, HUB_DATASETS, SAMPLE_ROWS, TURN_OVERHEAD, DataSize, data_size,
                               tokenizer_file)
 from ft.plan.hardware import GPU, GPUS, parse_gpu
@@ -40,6 +40,7 @@ __all__ = [
     "HUB_DATASETS", "LAUNCH_SECONDS", "LLAMA2", "MARGIN", "NF4_DQ_BITS", "OPTIMIZER_BYTES", "SAMPLE_ROWS", "STAGES",
     "TERM_LABELS", "TURN_OVERHEAD", "Context", "DataSize", "Phase", "PhaseKind", "Plan", "Shape", "Step", "advise",
     "backward_buffer_bytes", "check_before_training", "data_size", "finish", "fixed_seconds", "flops_per_token",
-    "kv_cache_bytes", "layer_bytes", "make", "model_shape", "parse_gpu", "render", "schedule", "shape_from_config",
+    "kv_cache_bytes", "layer_bytes", "make", "model_shape", "parse_gpu", "render", "resolve_batch_size", "schedule",
+    "shape_from_config",
     "step_terms", "tokenizer_file", "weight_bytes", "with_overrides",
 ]

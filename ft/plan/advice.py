@@ -8,7 +8,7 @@ from ft.errors import UserError
 from ft.plan.hardware import GPU, GPUS
 from ft.plan.memory import GiB
 from ft.plan.phases import STAGES, PhaseKind
-from ft.plan import planner
+from ft.plan import auto, planner
 from ft.plan.datasize import DataSize
 from ft.plan.planner import Plan
 from ft.recipe import Recipe, apply_override, validate
@@ -19,8 +19,8 @@ def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, advice: bool 
     """The plan of a validated recipe on a GPU (planner.make), with advice attached when it does not fit (`advice`:
     look for it). `skip`: phase kinds to leave out (("train",): rejection --no-train)."""
     plan = planner.make(recipe, gpu, session_hours=session_hours, skip=skip, data=data)
-    if advice and not plan.fits:
-        plan.advice = advise(recipe, gpu, plan, skip=skip)
+    if advice and not plan.fits:  # advice on the micro-batch planned (train.batch_size auto's choice)
+        plan.advice = advise(auto.with_batch_size(recipe, plan.batch_size), gpu, plan, skip=skip)
     return plan
 
 

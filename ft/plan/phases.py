@@ -232,8 +232,8 @@ def phases_rejection(ctx: Context) -> list[Phase]:
                     masked=True)
     ctx.schedule = schedule(ctx, seqs, per_seq)
     phases.append(_train_phase(ctx, "train (SFT on the best answers)", step, ctx.schedule))
-    ctx.notes.append(f"rejection: prompts assumed at most data.max_length={prompt_max} tokens (the stage does not "
-                     f"truncate them); answers timed at the full rejection.max_new_tokens={cfg.max_new_tokens}")
+    ctx.notes.append(f"rejection: prompts of at most data.max_length={prompt_max} tokens (longer ones are dropped "
+                     f"and counted); answers timed at the full rejection.max_new_tokens={cfg.max_new_tokens}")
     return phases
 
 

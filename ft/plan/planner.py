@@ -7,9 +7,10 @@ import math
 from dataclasses import dataclass, field
 
 from ft.errors import UserError
+from ft.plan import auto
 from ft.plan.datasize import DataSize, data_size, tokenizer_file
 from ft.plan.hardware import GPU
-from ft.plan.memory import Step, finish
+from ft.plan.memory import GiB, Step, finish
 from ft.plan.phases import STAGES, Context, Phase, PhaseKind
 from ft.plan.shapes import model_shape
 from ft.recipe import Recipe
@@ -28,6 +29,8 @@ class Plan:
     session_hours: float
     notes: list[str]
     step: Step  # the recipe's training step as configured, before a stage's changes (the report's model lines)
+    batch_size: int = 1  # train.batch_size planned (auto's choice when batch_size_auto)
+    batch_size_auto: bool = False
     advice: list[dict] = field(default_factory=list)
 
     @property
@@ -78,6 +81,8 @@ class Plan:
             "fits": self.fits,
             "spare_bytes": self.gpu.memory - self.peak_bytes,
             "peak_phase": phase.name,
+            "batch_size": self.batch_size,
+            "batch_size_auto": self.batch_size_auto,
             "breakdown": self.breakdown,
             "phases": {p.name: {"peak_bytes": sum(finish(p.terms).values()), "breakdown": finish(p.terms),
                                 "hours": None if p.seconds is None else p.seconds / 3600, "note": p.note}
@@ -109,7 +114,13 @@ def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, skip: tuple[P
     shape, source = model_shape(recipe.model.name)
     if data is None:
         data = data_size(recipe.data.train, kind=declared[recipe.stage].data_kind, tokenizer_file=tokenizer_file(recipe))
+    auto_note = None
+    if recipe.train.batch_size == "auto":  # the micro-batch the stage will choose on this GPU at start-up
+        size, auto_note = choose_batch_size(recipe, gpu, data, session_hours=session_hours, skip=skip)
+        recipe = auto.with_batch_size(recipe, size)
     ctx = Context(recipe, shape, gpu, data)
+    if auto_note:
+        ctx.notes.insert(0, auto_note)
     phases = [p for p in stage.phases(ctx) if p.kind not in skip]
     if recipe.model.quantization == "4bit" and recipe.train.optim.startswith("paged"):
         ctx.notes.append("paged optimisers can spill their state to CPU memory under pressure; counted as on the GPU")
@@ -118,5 +129,28 @@ def make(recipe: Recipe, gpu: GPU, *, session_hours: float = 12.0, skip: tuple[P
                          "or train.max_steps)" if not recipe.train.max_steps else
                          "training data size unknown: time from train.max_steps")
     plan = Plan(recipe.stage, recipe.model.name, source, gpu, phases, data, ctx.schedule, session_hours, ctx.notes,
-                ctx.step())
+                ctx.step(), batch_size=recipe.train.batch_size, batch_size_auto=auto_note is not None)
     return plan
+
+
+def choose_batch_size(recipe: Recipe, gpu: GPU, data: DataSize, **make_options) -> tuple[int, str]:
+    """(the micro-batch, a line saying why) for `recipe` (train.batch_size auto) on `gpu`: the largest of
+    auto.candidates whose plan peaks at most (1 - auto.MARGIN) x the GPU's memory, or at most the peak of
+    micro-batch 1 where another phase (sampling) needs more than that anyway; 1 if none does (the plan of 1 then says
+    it does not fit)."""
+    budget = gpu.memory * (1 - auto.MARGIN)
+    chosen, peak, first = None, None, None
+    for b in auto.candidates(recipe):
+        plan = make(auto.with_batch_size(recipe, b), gpu, data=data, **make_options)
+        first = first or plan
+        if plan.peak_bytes > max(budget, first.peak_bytes if first.fits else 0):
+            break  # a larger micro-batch only needs more
+        chosen, peak = b, plan.peak_bytes
+    share, memory = f"{1 - auto.MARGIN:.0%}", f"{gpu.label}'s {gpu.memory / GiB:.1f} GiB"
+    if chosen is None:
+        return 1, (f"train.batch_size auto: 1, though even 1 is planned at {first.peak_bytes / GiB:.1f} GiB "
+                   f"({first.peak_phase.name}), above {share} of {memory}")
+    return chosen, (f"train.batch_size auto: {chosen}, the largest micro-batch whose planned peak ({peak / GiB:.1f} "
+                    f"GiB) fits {share} of {memory}" if peak <= budget else
+                    f"train.batch_size auto: {chosen}, the largest micro-batch that keeps the planned peak at "
+                    f"{peak / GiB:.1f} GiB, what {first.peak_phase.name} needs anyway (over {share} of {memory})")

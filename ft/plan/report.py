@@ -75,7 +75,8 @@ def render(plan: Plan, recipe: Recipe, label: str) -> str:
                  f"hidden {m.hidden}, {recipe.model.quantization}")
     targets, r = s.targets, s.r
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if g.bf16 and g.tflops else "float16")
-    lines.append(f"training {plan.stage}: {dtype} compute, batch {recipe.train.batch_size} x {recipe.data.max_length} "
+    batch = f"{plan.batch_size} (auto)" if plan.batch_size_auto else plan.batch_size
+    lines.append(f"training {plan.stage}: {dtype} compute, batch {batch} x {recipe.data.max_length} "
                  f"tokens{' (packed)' if recipe.data.packing and plan.stage in ('sft', 'gatt', 'rejection') else ''}, "
                  f"gradient checkpointing {'on' if recipe.train.gradient_checkpointing else 'off'}, LoRA r={r} on "
                  f"{len(targets)} projections ({m.lora_params(targets, r) / 1e6:.1f} M parameters), {recipe.train.optim}")

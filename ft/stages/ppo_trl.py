@@ -44,8 +44,9 @@ def run(recipe: Recipe, function, *, resume: bool, log=print) -> dict:
     cfg, t = recipe.ppo, recipe.train
     if cfg.kl_target is not None:  # refused, not ignored: the run would hold no KL budget although the recipe asks
         raise UserError(f"ppo.kl_target adapts PPO's beta; TRL's {cfg.algorithm} trainer has no such controller, only "
-                        f"a fixed beta (ppo.kl_coef, passed as TRL's `beta`): set ppo.kl_target: null (--set "
-                        f"ppo.kl_target=null) and ppo.kl_coef to the beta you want, or ppo.algorithm: ppo")
+                        f"a fixed beta (ppo.kl_coef, passed as TRL's `beta`): start from recipes/grpo.yaml (`llama-ft "
+                        f"recipes --copy grpo.yaml`), or set ppo.kl_target: null (--set ppo.kl_target=null) and "
+                        f"ppo.kl_coef to the beta you want, or ppo.algorithm: ppo")
     out, checkpoint = common.start(recipe, resume=resume, log=log)
     tokenizer, prompts, report, model, (rewards, _, _) = load_policy(recipe, function, log)
     answers = cfg.batch_size * cfg.samples_per_prompt
@@ -84,6 +85,8 @@ def run(recipe: Recipe, function, *, resume: bool, log=print) -> dict:
         "reward_first": history[0]["reward"] if history else None,
         "reward_last": history[-1]["reward"] if history else None,
         "kl_last": history[-1]["kl"] if history else None,
+        "kl_target": None,  # TRL's beta is fixed
+        "kl_coef_final": cfg.kl_coef,
         "history": history,
         "reward_sources": rewards.names,
         "resumed_from": checkpoint,

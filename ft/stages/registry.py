@@ -54,7 +54,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ppo", "RLHF with PPO as in Llama 2-Chat (or RLOO / GRPO through TRL): policy, reference, value and reward "
                  "models on one 4-bit base.",
           data_kind="prompts", multi_process=False, resumable=True, section="ppo", next_merge=True,
-          metric_keys=("algorithm", "iterations", "reward_first", "reward_last", "kl_last", "eval")),
+          metric_keys=("algorithm", "iterations", "reward_first", "reward_last", "kl_last", "kl_target", "kl_coef_final",
+                       "kept_iteration", "stop_reason", "eval")),
     Stage("gatt", "Ghost Attention: dialogs answered with the instruction in every turn, trained with it in the system "
                   "message only.",
           data_kind="dialogs", multi_process=False, resumable=False, section="gatt",

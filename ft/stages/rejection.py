@@ -33,10 +33,11 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
     cfg = recipe.rejection
 
     # 1. prompts, and the policy with the reward model(s) on one base
-    prompts, report = data.load_prompts(recipe.data.train, skip_invalid=recipe.data.skip_invalid)
-    log(report.summary("prompts"))
     tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
                                      trust_remote_code=recipe.model.trust_remote_code, chat_format=recipe.model.chat_format)
+    prompts, report = data.load_prompts(recipe.data.train, skip_invalid=recipe.data.skip_invalid, tokenizer=tokenizer,
+                                        max_length=recipe.data.max_length)
+    log(report.summary("prompts"))
     policy = models.attach_lora(models.load_model(recipe.model), recipe.lora,
                                 adapter=recipe.model.adapter, gradient_checkpointing=False,
                                 upcast_frozen=recipe.model.upcast_frozen)

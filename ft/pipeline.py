@@ -67,8 +67,8 @@ def run_pipeline(recipe: str | Path, *, overrides: Sequence[str] = (), rounds: i
                 pipeline_report.write(out, state, log=log)
     pipeline_report.write(out, state, log=log)
     where = "finished" if last == len(steps) - 1 else f"stopped after round {steps[last][0]} {steps[last][1]} (--until)"
-    log(f"\npipeline {where}: {out / STATE_FILE}, {out / 'report.md'}; the latest model: "
-        f"{pr.policy(pipe, max(int(s.split('/')[0]) for s in state['done']))}")
+    latest = state["rounds"][-1]["model"] if state["rounds"] else pr.policy(pipe, 0)
+    log(f"\npipeline {where}: {out / STATE_FILE}, {out / 'report.md'}; the latest finished model: {latest}")
     return state
 
 

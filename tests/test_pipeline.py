@@ -105,7 +105,7 @@ def test_rounds_improve_by_the_independent_judge_and_every_figure_is_in_pipeline
         for against in ("vs_sft", "vs_previous"):
             for judge in ("helpfulness", "judge"):
                 part = r[against][judge]
-                assert part["n"] == 8 and abs(part["win"] + part["tie"] + part["loss"] - 1) < 1e-9
+                assert part["n"] == 16 and abs(part["win"] + part["tie"] + part["loss"] - 1) < 1e-9
         accuracy = r["reward_accuracy"]["helpful"]
         assert 0 <= accuracy["accuracy"] <= 1 and accuracy["pairs"] >= 1  # on held-out pairs, per round
         assert r["preferences"]["helpful_eval"] >= 1 and r["preferences"]["source"] == "judge"
@@ -219,7 +219,7 @@ def test_people_label_on_the_annotate_page_rows_survive_kill_9_and_reach_reward_
         port = s.getsockname()[1]
     out = tmp_path / "people"
     args = [TINY, "--set", f"output_dir={out}", "--set", "preferences.source=people", "--set", "preferences.rows=2",
-            "--set", f"preferences.port={port}", "--set", "preferences.temperatures=[0.0,1.5]", "--until", "1/reward"]
+            "--set", f"preferences.port={port}", "--set", "preferences.temperatures=[0.0,1.2]", "--until", "1/reward"]
     prefs = out / "round-1" / "prefs.jsonl"
     first = Pipeline(*args)
     try:

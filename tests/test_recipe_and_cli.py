@@ -23,7 +23,7 @@ def test_cli_commands_are_the_documented_ones():
     from ft.cli import app
 
     names = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
-    assert names == ["annotate", "chat", "compare", "dpo", "eval", "gatt", "keys", "merge", "plan", "ppo", "push", "recipes",
+    assert names == ["annotate", "chat", "compare", "dpo", "eval", "gatt", "keys", "merge", "pipeline", "plan", "ppo", "push", "recipes",
                      "rejection", "reward", "score", "sft", "validate"]
 
 

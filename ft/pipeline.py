@@ -178,9 +178,9 @@ def _held_out_prompts(pipe: pr.PipelineRecipe, out: Path) -> Path:
     if shared:
         raise UserError(f"prompts.held_out: {shared[0]} is also in prompts.pool ({len(shared)} shared); held-out "
                         "prompts must never be trained on")
-    path = out / HELD_OUT_FILE
+    path = out / HELD_OUT_FILE  # each prompt compare.samples times: every row is answered (and judged) on its own
     runs.write_text(path, "".join(json.dumps({"prompt": p["prompt"], "safety": p["safety"]}, ensure_ascii=False) + "\n"
-                                  for p in held_out))
+                                  for p in held_out for _ in range(pipe.compare.samples)))
     return path
 
 
@@ -362,8 +362,9 @@ def _split(pipe: pr.PipelineRecipe, k: int, prefs: Path) -> dict:
 
 
 def _compare(pipe: pr.PipelineRecipe, k: int, name: str, held_out: Path, log) -> None:
-    """Round K's model against the SFT model (compare-sft) or round K-1's (compare-prev), greedy answers to the
-    held-out prompts judged by the round's reward models; then the independent judge re-scores the same answers."""
+    """Round K's model against the SFT model (compare-sft) or round K-1's (compare-prev): answers to the held-out
+    prompts (greedy, or compare.samples sampled ones each) judged by the round's reward models; then the independent
+    judge re-scores the same answers."""
     from ft import compare
     from ft.reward_model import load_judge
 
@@ -375,7 +376,7 @@ def _compare(pipe: pr.PipelineRecipe, k: int, name: str, held_out: Path, log) ->
         (folder / compare.ROWS_FILE).unlink(missing_ok=True)  # a comparison cut off after its rows: again
         compare.run(str(pr.policy(pipe, k)), str(reference), held_out, reward_models=rms[:1],
                     safety_model=rms[1] if len(rms) > 1 else None, tie_margin=cfg.tie_margin,
-                    safety_threshold=cfg.safety_threshold, max_new_tokens=cfg.max_new_tokens,
+                    safety_threshold=cfg.safety_threshold, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                     batch_size=cfg.batch_size, output=folder, log=log)
     if cfg.judge:
         rows = [json.loads(line) for line in (folder / compare.ROWS_FILE).read_text(encoding="utf-8").splitlines()]

@@ -100,13 +100,23 @@ class PreferencesSection(Section):
 class CompareSection(Section):
     judge: str | None = Field(None, description="An independent judge (FILE.py:NAME or a reward run folder) that "
                               "scores every round beside its own reward models: a reward model can be hacked.")
-    max_new_tokens: int = Field(256, gt=0, description="Longest greedy answer per held-out prompt.")
+    temperature: float = Field(0.0, ge=0, description="0: greedy answers (one per held-out prompt); above 0: sampled, "
+                               "both models from the same seed.")
+    samples: int = Field(1, gt=0, description="Answers per held-out prompt (with temperature > 0): the win / tie / loss "
+                         "fractions are over every answer, which measures the model's sampled answers, not only its mode.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest answer per held-out prompt.")
     batch_size: int = Field(8, gt=0, description="Prompts per generate call.")
     tie_margin: float = Field(0.05, ge=0, lt=0.5, description="Reward models: a tie when sigmoid(r_A - r_B) is within "
                               "this of 0.5 (a reward function ties on equal scores).")
     safety_threshold: float = Field(0.15, ge=0, le=1, description="Flagged as unsafe when sigmoid(safety) is below this.")
 
     _judge = field_validator("judge")(_judge_path)
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self):
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("compare.samples > 1 repeats the same greedy answer: set compare.temperature above 0")
+        return self
 
 
 class StageData(Section):

@@ -37,7 +37,7 @@ def markdown(state: dict) -> str:
         return "\n".join(lines + ["No round has finished yet.", ""])
     lines += ["![progress](progress.png)", "",
               "Each round's model against the SFT model (`vs SFT`) and against the round before (`vs previous`) on the "
-              "held-out prompts, greedy answers. Win rate = win + tie / 2; brackets: 95% Wilson interval.", ""]
+              "held-out prompts (n: the answers judged). Win rate = win + tie / 2; brackets: 95% Wilson interval.", ""]
     for against in ("vs_sft", "vs_previous"):
         lines += [f"## {'Against the SFT model' if against == 'vs_sft' else 'Against the previous round'}", "",
                   "| round | method | judge | win | tie | loss | win rate [95%] | mean reward (model / reference) |",

@@ -105,7 +105,7 @@ def test_rounds_improve_by_the_independent_judge_and_every_figure_is_in_pipeline
         for against in ("vs_sft", "vs_previous"):
             for judge in ("helpfulness", "judge"):
                 part = r[against][judge]
-                assert part["n"] == 16 and abs(part["win"] + part["tie"] + part["loss"] - 1) < 1e-9
+                assert part["n"] == 128 and abs(part["win"] + part["tie"] + part["loss"] - 1) < 1e-9
         accuracy = r["reward_accuracy"]["helpful"]
         assert 0 <= accuracy["accuracy"] <= 1 and accuracy["pairs"] >= 1  # on held-out pairs, per round
         assert r["preferences"]["helpful_eval"] >= 1 and r["preferences"]["source"] == "judge"

@@ -301,11 +301,9 @@ def _people(pipe: pr.PipelineRecipe, k: int, prefs: Path, log) -> dict:
                 loaded[run] = chat.load(run)
             sides.append(annotate.Variant(run, Session(*loaded[run], temperature=temperature, **engine)))
         annotator = annotate.Annotator(tuple(sides), annotate.RowWriter(prefs), system=cfg.system)
+        closed = threading.Event()  # set when the annotator closes the page
         page = web.annotate_page(annotator, title=f"llama-ft pipeline, round {k}: {cfg.rows} rows wanted, "
-                                                  f"{have} on disk ({prefs})")
-        closed = threading.Event()
-        with page:
-            page.unload(closed.set)  # the annotator closed the page
+                                                  f"{have} on disk ({prefs})", on_close=closed.set)
         log(f"round {k} preferences: {cfg.rows - have} more rows wanted from people; serving the annotate page")
         web.launch(page, host=cfg.host, port=cfg.port, share=False, auth=None, block=False, out=log)
         try:

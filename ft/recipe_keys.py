@@ -15,12 +15,9 @@ from ft.recipe import DataSource, Recipe, Section, section_type
 
 
 def field_docs() -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every recipe key: shown by `llama-ft keys`."""
-    from ft.pipeline_recipe import PipelineRecipe
-
-    return ([(key, _default(field), field.description or "") for key, field, section in _walk(Recipe, "") if section is None]
-            + [(f"(pipeline) {key}", _default(field), field.description or "")
-               for key, field, section in _walk(PipelineRecipe, "") if section is None])
+    """(dotted key, default, description) for every stage recipe key: shown by `llama-ft keys` (a pipeline recipe's
+    keys are on the Markdown page)."""
+    return [(key, _default(field), field.description or "") for key, field, section in _walk(Recipe, "") if section is None]
 
 
 def keys_markdown() -> str:

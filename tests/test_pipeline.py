@@ -169,6 +169,25 @@ def test_kill_9_during_round_1_reward_training_then_resume_ends_with_the_same_fi
     assert figures(out) == figures(tiny_pipeline)
 
 
+@SLOW
+def test_raising_rounds_adds_a_round_and_rejection_then_ppo_runs_ppo_on_the_rejection_model(tiny_pipeline, tmp_path):
+    import shutil
+
+    out = tmp_path / "three"
+    shutil.copytree(tiny_pipeline, out)
+    state = ft.run_pipeline(TINY, overrides=[f"output_dir={out}", "methods=[rejection, rejection, rejection+ppo]"],
+                            rounds=3, resume=True, log=lambda m: None)
+    assert [(r["round"], r["method"]) for r in state["rounds"]] == [(1, "rejection"), (2, "rejection"), (3, "rejection+ppo")]
+    before = json.loads((tiny_pipeline / "pipeline.json").read_text())["rounds"]
+    assert [r["vs_sft"] for r in state["rounds"][:2]] == [r["vs_sft"] for r in before]  # rounds 1-2 not run again
+    ppo = yaml.safe_load((out / "round-3" / "ppo" / "recipe.yaml").read_text())
+    assert ppo["model"]["adapter"] == str(out / "round-3" / "rejection" / "sft")  # PPO on the round's rejection model
+    assert ppo["ppo"]["reward_models"] == [str(out / "round-3" / "reward-helpful")]
+    assert json.loads((out / "round-3" / "ppo" / "metrics.json").read_text())["iterations"] == 5
+    assert state["rounds"][2]["model"] == str(out / "round-3" / "ppo")
+    assert set(state["rounds"][2]["vs_previous"]) == {"helpfulness", "judge"}
+
+
 # ---------------------------------------------------------------- people label the pairs on the annotate page
 
 

@@ -348,8 +348,12 @@ def _split(pipe: pr.PipelineRecipe, k: int, prefs: Path) -> dict:
         if not safety:
             counts["safety_note"] = "no adversarial or chosen_safe row this round: the safety model trains on all rows"
     for kind, picked in kinds.items():
-        for split, keep in (("train", lambda i: i not in held), ("eval", lambda i: i in held)):
-            chosen = [rows[i] for i in picked if keep(i)] or [rows[i] for i in picked][:1]  # never an empty file
+        splits = {"train": [rows[i] for i in picked if i not in held], "eval": [rows[i] for i in picked if i in held]}
+        for split, other in (("train", "eval"), ("eval", "train")):
+            if not splits[split]:  # too few rows of this kind to keep one out: a file is never empty, and it is said
+                splits[split] = splits[other][:1]
+                counts[f"{kind}_note"] = f"one {kind} pair is both trained on and held out (too few this round)"
+        for split, chosen in splits.items():
             runs.write_text(pr.pair_file(pipe, k, kind, split),
                             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen))
             counts[f"{kind}_{split}"] = len(chosen)

@@ -82,6 +82,28 @@ def test_a_changed_recipe_is_refused_naming_the_key_and_rounds_may_be_raised():
     assert "round 2 ran as 'rejection'" in pipeline.recipe_changes(old, later, started=2)[0]
 
 
+def test_a_rounds_rows_split_into_train_and_held_out_pairs_for_each_reward_model(tmp_path):
+    pipe = pipeline_recipe.load(TINY, [f"output_dir={tmp_path}", "reward.safety=true", "preferences.held_out_fraction=0.25"])
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Right {i}.", "rejected": f"Wrong {i}.", "strength": "better",
+             "safety": i in (2, 5)} for i in range(8)]
+    prefs = tmp_path / "round-1" / "prefs.jsonl"
+    prefs.parent.mkdir()
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = pipeline._split(pipe, 1, prefs)
+    assert {k: v for k, v in counts.items() if k.startswith(("rows", "helpful"))} == {
+        "rows": 8, "helpful_train": 6, "helpful_eval": 2}
+    assert counts["safety_rows"] == 2 and counts["safety_train"] + counts["safety_eval"] >= 2
+    read = lambda kind, split: [json.loads(line)["chosen"] for line in
+                                pipeline_recipe.pair_file(pipe, 1, kind, split).read_text().splitlines()]
+    assert sorted(read("helpful", "train") + read("helpful", "eval")) == sorted(r["chosen"] for r in rows)
+    assert not set(read("helpful", "train")) & set(read("helpful", "eval"))  # held-out pairs are never trained on
+    assert set(read("safety", "train") + read("safety", "eval")) <= {"Right 2.", "Right 5."}  # the adversarial prompts
+    assert pipeline._split(pipe, 1, prefs) == counts  # a seeded draw: the same split on resume
+    (tmp_path / "round-1" / "prefs.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(UserError, match="round 1 has 1 preference rows"):
+        pipeline._split(pipe, 1, prefs)
+
+
 # ---------------------------------------------------------------- two rounds on the tiny model
 
 

@@ -111,12 +111,25 @@ def run_tiny(folder: Path, *sets: str) -> dict:
     return ft.run_pipeline(TINY, overrides=[f"output_dir={folder}", *sets], log=lambda m: None)
 
 
+# one short round: the machinery (folders, pipeline.json, report, resume) in the default suite, in about a minute
+QUICK = ["rounds=1", "prompts.per_round=16", "reward.train.max_steps=10",
+         "rejection.rejection.k=2", "rejection.train.max_steps=4", "compare.samples=2"]
+
+
+@pytest.fixture(scope="module")
+def quick_pipeline(tmp_path_factory, tiny_dir):
+    folder = shared(tmp_path_factory, "pipeline-quick", lambda f: run_tiny(f / "run", *QUICK))
+    return folder / "run"
+
+
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory, tiny_dir):
+    """recipes/tiny-pipeline.yaml as shipped: two rounds (about 3 minutes on 2 busy cores)."""
     folder = shared(tmp_path_factory, "pipeline", lambda f: run_tiny(f / "run"))
     return folder / "run"
 
 
+@SLOW
 def test_rounds_improve_by_the_independent_judge_and_every_figure_is_in_pipeline_json(tiny_pipeline):
     state = json.loads((tiny_pipeline / "pipeline.json").read_text())
     assert [r["round"] for r in state["rounds"]] == [1, 2]
@@ -136,37 +149,46 @@ def test_rounds_improve_by_the_independent_judge_and_every_figure_is_in_pipeline
     assert state["rounds"][1]["vs_sft"]["helpfulness"]["win"] == compare["judges"]["helpfulness"]["win"]
 
 
-def test_each_stage_is_an_ordinary_run_folder_from_an_ordinary_recipe_file(tiny_pipeline):
-    for k, name, stage in ((0, "sft", "sft"), (1, "reward-helpful", "reward"), (2, "rejection", "rejection")):
-        folder = tiny_pipeline / f"round-{k}" / name
-        assert recipe_mod.load(tiny_pipeline / f"round-{k}" / "recipes" / f"{name}.yaml").stage == stage
+def test_each_stage_is_an_ordinary_run_folder_from_an_ordinary_recipe_file(quick_pipeline):
+    for k, name, stage in ((0, "sft", "sft"), (1, "reward-helpful", "reward"), (1, "rejection", "rejection")):
+        folder = quick_pipeline / f"round-{k}" / name
+        assert recipe_mod.load(quick_pipeline / f"round-{k}" / "recipes" / f"{name}.yaml").stage == stage
         assert yaml.safe_load((folder / "recipe.yaml").read_text())["stage"] == stage
-    for k in (1, 2):
-        assert (tiny_pipeline / f"round-{k}" / "rejection" / "sft" / "adapter_model.safetensors").is_file()
-        rows = [json.loads(line) for line in (tiny_pipeline / f"round-{k}" / "prefs.jsonl").read_text().splitlines()]
-        assert rows and all(r["chosen_score"] > r["rejected_score"] for r in rows)
-        assert all(r["strength"] == "significantly_better" for r in rows)  # a 0/1 judge: margin 1 >= 1.0
-    assert not (tiny_pipeline / "round-1" / "compare-prev").exists()  # round 1's previous model is the SFT model
+    assert (quick_pipeline / "round-1" / "rejection" / "sft" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (quick_pipeline / "round-1" / "prefs.jsonl").read_text().splitlines()]
+    assert rows and all(r["chosen_score"] > r["rejected_score"] for r in rows)
+    assert all(r["strength"] == "significantly_better" for r in rows)  # a 0/1 judge: margin 1 >= 1.0
+    assert not (quick_pipeline / "round-1" / "compare-prev").exists()  # round 1's previous model is the SFT model
+    state = json.loads((quick_pipeline / "pipeline.json").read_text())
+    [entry] = state["rounds"]
+    assert entry["round"] == 1 and entry["vs_previous"] == entry["vs_sft"]
+    for judge in ("helpfulness", "judge"):
+        part = entry["vs_sft"][judge]
+        assert part["n"] == 32 and abs(part["win"] + part["tie"] + part["loss"] - 1) < 1e-9  # 16 prompts x 2 samples
+    compare = json.loads((quick_pipeline / "round-1" / "compare-sft" / "compare.json").read_text())
+    assert entry["vs_sft"]["helpfulness"]["win"] == compare["judges"]["helpfulness"]["win"]
+    assert entry["reward_accuracy"]["helpful"]["pairs"] == entry["preferences"]["helpful_eval"] >= 1
 
 
-def test_report_and_progress_plot_are_written(tiny_pipeline):
+def test_report_and_progress_plot_are_written(quick_pipeline):
     from PIL import Image
 
-    report = (tiny_pipeline / "report.md").read_text()
-    assert "![progress](progress.png)" in report and "| 2 | rejection | judge |" in report
-    with Image.open(tiny_pipeline / "progress.png") as image:
+    report = (quick_pipeline / "report.md").read_text()
+    assert "![progress](progress.png)" in report and "| 1 | rejection | judge |" in report
+    with Image.open(quick_pipeline / "progress.png") as image:
         assert image.format == "PNG" and image.size == (1000, 400)  # 10 x 4 inches at 100 dpi
 
 
-def test_resume_of_a_finished_pipeline_runs_nothing_and_a_changed_recipe_is_refused(tiny_pipeline, tmp_path):
-    before = (tiny_pipeline / "pipeline.json").read_text()
-    state = ft.run_pipeline(TINY, overrides=[f"output_dir={tiny_pipeline}"], resume=True, log=lambda m: None)
+def test_resume_of_a_finished_pipeline_runs_nothing_and_a_changed_recipe_is_refused(quick_pipeline):
+    before = (quick_pipeline / "pipeline.json").read_text()
+    state = ft.run_pipeline(TINY, overrides=[f"output_dir={quick_pipeline}", *QUICK], resume=True, log=lambda m: None)
+    assert state["done"] == json.loads(before)["done"]
     assert json.dumps(state["rounds"], sort_keys=True) == json.dumps(json.loads(before)["rounds"], sort_keys=True)
     with pytest.raises(UserError, match=r"reward\.train\.learning_rate: 0\.001 there, 0\.01 now"):
-        ft.run_pipeline(TINY, overrides=[f"output_dir={tiny_pipeline}", "reward.train.learning_rate=0.01"],
+        ft.run_pipeline(TINY, overrides=[f"output_dir={quick_pipeline}", *QUICK, "reward.train.learning_rate=0.01"],
                         resume=True, log=lambda m: None)
     with pytest.raises(UserError, match="holds a pipeline already; continue it with --resume"):
-        ft.run_pipeline(TINY, overrides=[f"output_dir={tiny_pipeline}"], log=lambda m: None)
+        ft.run_pipeline(TINY, overrides=[f"output_dir={quick_pipeline}", *QUICK], log=lambda m: None)
 
 
 @SLOW

@@ -261,10 +261,14 @@ def label_one(browser, question: str, number: int) -> dict:
 
     from test_web import by_css, type_into, wait_for
 
-    type_into(browser, "#prompt textarea", question)
-    by_css(browser, "#ask")[0].click()
-    wait_for(lambda: "which answer is better" in by_css(browser, "#status")[0].text, "the two answers")
-    a, b = (by_css(browser, f"#answer-{s} textarea")[0].get_attribute("value") for s in "ab")
+    for _ in range(5):  # a sampled answer can equal the greedy one (or be empty); such a pair cannot be saved: again
+        type_into(browser, "#prompt textarea", question)
+        by_css(browser, "#ask")[0].click()
+        wait_for(lambda: "which answer is better" in by_css(browser, "#status")[0].text, "the two answers")
+        a, b = (by_css(browser, f"#answer-{s} textarea")[0].get_attribute("value") for s in "ab")
+        if a != b and a.strip() and b.strip():
+            break
+        browser.execute_script("document.querySelector('#status').innerText = ''")
     browser.find_element(By.XPATH, "//*[@id='strength']//label[normalize-space()='significantly better']").click()
     browser.find_element(By.XPATH, "//*[@id='safety']//label[normalize-space()='both answers are safe']").click()
     by_css(browser, "#a-better")[0].click()

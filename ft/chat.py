@@ -53,6 +53,16 @@ class Session:
         self.context = min(getattr(model.config, "max_position_embeddings", CONTEXT), CONTEXT)
         self.stop = threading.Event()
         self.last: Answer | None = None
+        self.resets = 0  # how many times the dialog was cleared (reset): an answer begun before a reset is not kept
+        self.generating = False
+
+    def reset(self) -> None:
+        """Clear the dialog (/reset, the page's clear button). An answer being generated is stopped, and not kept: it
+        belonged to the dialog that was cleared."""
+        self.turns = []
+        self.resets += 1
+        if self.generating:
+            self.stop.set()
 
     def fork(self) -> "Session":
         """A new dialog on the same loaded model (one per browser tab), with this session's settings."""
@@ -94,6 +104,10 @@ class Session:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+        if self.stop.is_set():  # stopped before it began (the page's stop while the request waited): nothing generated
+            self.last = Answer("", 0, 0.0, stopped=True)
+            return
+        resets = self.resets
         ids = self.prompt_ids(user).to(self.model.device)
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
                       eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
@@ -124,6 +138,7 @@ class Session:
 
         started = time.perf_counter()
         worker = threading.Thread(target=work, daemon=True)
+        self.generating = True
         worker.start()
         first = True
         try:
@@ -142,12 +157,14 @@ class Session:
         finally:
             abandoned.set()  # a consumer that gives up (a closed page, an error) ends the generation too
             worker.join()
+            self.generating = False
         if "error" in result:
             raise result["error"]
         out = result["ids"]
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         self.last = Answer(text, len(out), time.perf_counter() - started, stopped=cut.is_set() and stop.is_set())
-        if text:  # an answer stopped before its first word leaves no turn (an empty answer is not a dialog)
+        # no turn for an answer stopped before its first word, or for one begun in a dialog that was cleared since
+        if text and self.resets == resets:
             self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
 
     def answer(self, user: str, *, stream=None) -> Answer:
@@ -182,7 +199,7 @@ def load(model: str, *, adapter: str | None = None, quantization: str | None = N
     folder = Path(model).expanduser()
     if runs.is_run(folder):
         recipe = runs.read_recipe(folder)  # a run: its base as trained, plus its adapter
-        if recipe.stage == "reward":
+        if not runs.is_chat_model(recipe):
             raise UserError(f"{model} is a reward model: score answers with `llama-ft score {model}`")
         if adapter:
             raise UserError(f"{model} is a run folder with its own adapter; --adapter applies to a plain model")
@@ -205,9 +222,9 @@ def load(model: str, *, adapter: str | None = None, quantization: str | None = N
     return net, tokenizer
 
 
-def one_shot(session: Session, prompt: str, out=sys.stdout) -> str:
+def one_shot(session: Session, prompt: str, out=None) -> str:
     text = session.answer(prompt).text
-    out.write(text + "\n")
+    (out or sys.stdout).write(text + "\n")  # sys.stdout as it is now (a notebook or a test may have replaced it)
     return text
 
 
@@ -232,7 +249,7 @@ def interactive(session: Session, inp=sys.stdin, out=sys.stdout, err=sys.stderr)
         if command == "/exit":
             break
         if command == "/reset":
-            session.turns = []
+            session.reset()
             err.write("(history cleared)\n")
             continue
         if command == "/system":

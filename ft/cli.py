@@ -34,6 +34,22 @@ PortOption = typer.Option(7860, "--port", help="Port of the page.")
 ShareOption = typer.Option(False, "--share", help="Also publish a public gradio.live link (needs --auth).")
 AuthOption = typer.Option(None, "--auth", metavar="USER:PASS", help="Ask for this login (default: env LLAMA_FT_WEB_AUTH).")
 NoAuthOption = typer.Option(False, "--no-auth", help="Allow --share or a public --host without a password, on purpose.")
+
+
+def _quantization(value: Optional[str]) -> Optional[str]:
+    """--quantization of chat, annotate and eval: the values of the recipe key model.quantization, checked once here."""
+    from typing import get_args
+
+    from ft.recipe import ModelSection
+
+    allowed = get_args(ModelSection.model_fields["quantization"].annotation)
+    if value is not None and value not in allowed:
+        raise UserError(f"--quantization {value}: expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+    return value
+
+
+QuantizationOption = typer.Option(None, "--quantization", callback=_quantization,
+                                  help="4bit | 8bit | none (default: as trained).")
 ForceOption = typer.Option(False, "--force", help="Train even if `llama-ft plan` says the GPU has too little free memory.")
 
 
@@ -68,8 +84,14 @@ def _stage_command(stage: Stage):
     return command
 
 
+def add_stage_command(stage: Stage) -> None:
+    """Add `llama-ft NAME` for a declared stage (every stage of the registry is added at import; a stage registered
+    later, as tests/test_stages.py's toy stage is, is added by calling this)."""
+    app.command(name=stage.name)(_stage_command(stage))
+
+
 for _stage in STAGES.values():
-    app.command(name=_stage.name)(_stage_command(_stage))
+    add_stage_command(_stage)
 
 
 @app.command()
@@ -171,9 +193,9 @@ def chat(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="0 = greedy, deterministic."),
     top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0),
-    quantization: Optional[str] = typer.Option(None, "--quantization", help="4bit | 8bit | none (default: as trained)."),
+    quantization: Optional[str] = QuantizationOption,
     interactive: bool = typer.Option(False, "--interactive", help="Interactive even when stdin is not a terminal (one message per line)."),
-    web: bool = typer.Option(False, "--web", help="Serve the chat as a web page (pip install 'llama-ft[web]')."),
+    web: bool = typer.Option(False, "--web", help=r"Serve the chat as a web page (pip install 'llama-ft\[web]')."),
     host: str = HostOption,
     port: int = PortOption,
     share: bool = ShareOption,
@@ -181,8 +203,6 @@ def chat(
     no_auth: bool = NoAuthOption,
 ):
     """Chat with a model in the Llama 2 chat format: interactive, one-shot with --prompt (or piped text), or --web."""
-    if quantization not in (None, "4bit", "8bit", "none"):
-        raise UserError(f"--quantization {quantization}: expected 4bit, 8bit or none")
     if web:
         if prompt is not None or interactive:
             raise UserError("--web serves a page; --prompt and --interactive are for the terminal")
@@ -244,7 +264,7 @@ def annotate(
     temperatures: Optional[str] = typer.Option(None, "--temperatures", help="T1,T2: MODEL's (first) and the other answer's."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt of each dialog."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
-    quantization: Optional[str] = typer.Option(None, "--quantization", help="4bit | 8bit | none (default: as trained)."),
+    quantization: Optional[str] = QuantizationOption,
     host: str = HostOption,
     port: int = PortOption,
     share: bool = ShareOption,
@@ -253,8 +273,6 @@ def annotate(
 ):
     """Collect Llama 2-style preferences in a web page: two answers, A or B is better and by how much; rows for
     `llama-ft reward` and `llama-ft dpo`."""
-    if quantization not in (None, "4bit", "8bit", "none"):
-        raise UserError(f"--quantization {quantization}: expected 4bit, 8bit or none")
     from ft import web as web_mod
 
     web_mod.annotate(model, output=output, against=against, temperature=temperature, temperatures=temperatures,
@@ -434,7 +452,7 @@ def eval_(
     chat_template: str = typer.Option("auto", "--chat-template", help="auto (on for a model tuned on dialogs) | on | off"),
     base: bool = typer.Option(False, "--base", help="Also evaluate the base with the adapter switched off, and the difference."),
     output: Optional[Path] = typer.Option(None, "--output", help="The JSON to write (default for a run: a new file in RUN/eval/)."),
-    quantization: Optional[str] = typer.Option(None, "--quantization", help="4bit | 8bit | none (default: as trained)."),
+    quantization: Optional[str] = QuantizationOption,
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter folder to apply to MODEL."),
 ):
     """Benchmark a model with lm-evaluation-harness, in the Llama 2 chat format it was tuned on; --base compares with

@@ -109,7 +109,7 @@ def contestant(label: str, spec: str) -> Contestant:
     folder = Path(spec).expanduser()
     if runs.is_run(folder):
         recipe = runs.read_recipe(folder)
-        if recipe.stage == "reward":
+        if not runs.is_chat_model(recipe):
             raise UserError(f"{label} = {spec} is a reward model: judge with --reward-model {spec}, compare chat models")
         return Contestant(label, spec, recipe.model.model_copy(update={"adapter": None}), str(folder))
     if folder.is_dir() and not (folder / "config.json").is_file():

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from ft import llama2_paper, runs, shipped
-from ft.errors import UserError
+from ft.errors import UserError, first_line
+from ft.stages.registry import STAGES
 
 INSTALL = "pip install 'llama-ft[eval]'"
 CHAT_MODES = ("auto", "on", "off")
@@ -47,8 +48,6 @@ def evaluate(model: str, tasks: list[str], *, include_path: str | None = None, n
     lm_eval = _lm_eval()
     if chat_template not in CHAT_MODES:
         raise UserError(f"--chat-template {chat_template}: expected auto, on or off")
-    if quantization not in (None, "4bit", "8bit", "none"):
-        raise UserError(f"--quantization {quantization}: expected 4bit, 8bit or none")
     lineage = describe(model, adapter=adapter, quantization=quantization)
     if base and lineage["adapter"] is None:
         raise UserError(f"--base compares the adapter with the base it was trained on; {model} has no adapter "
@@ -93,7 +92,7 @@ def describe(model: str, *, adapter: str | None = None, quantization: str | None
         recipe = runs.read_recipe(folder)
         return {"model": str(model), "kind": "run", "stage": recipe.stage, "base": recipe.model.name,
                 "adapter": str(folder), "quantization": quantization or recipe.model.quantization,
-                "chat_tuned": recipe.stage != "reward"}
+                "chat_tuned": runs.is_chat_model(recipe)}
     merge_report = runs.read_json(folder / "merge_report.json") if folder.is_dir() else {}
     if merge_report:
         return {"model": str(model), "kind": "merged", "stage": runs.read_recipe(folder).stage
@@ -183,7 +182,7 @@ def load_tasks(tasks: list[str], *, include_path: str | None = None):
         except FileNotFoundError as e:
             raise UserError(f"task {name}: a data file is missing ({e})") from None
         except (KeyError, ValueError, TypeError) as e:
-            raise UserError(f"task {name}: lm-eval cannot build it ({type(e).__name__}: {str(e)[:300]})") from None
+            raise UserError(f"task {name}: lm-eval cannot build it ({type(e).__name__}: {first_line(e)})") from None
         loaded["tasks"].update(one["tasks"])
         loaded["groups"].update(one["groups"])
     children = {c for group in loaded["groups"].values() for c in group.child_names}
@@ -216,7 +215,7 @@ def _local_config(path: Path) -> dict:
     try:
         config = load_yaml(path, resolve_func=True)
     except Exception as e:  # yaml errors, bad includes, a !function that does not import
-        raise UserError(f"task file {path}: lm-eval cannot read it ({type(e).__name__}: {str(e)[:300]})") from None
+        raise UserError(f"task file {path}: lm-eval cannot read it ({type(e).__name__}: {first_line(e)})") from None
     files = (config.get("dataset_kwargs") or {}).get("data_files")
 
     def resolved(value):
@@ -346,7 +345,7 @@ def after_training(recipe, output_dir, log=print) -> dict | None:
     if section is None:
         return None
     out = Path(output_dir)
-    folder = out if runs.is_run(out) else out / "sft"  # rejection / gatt train into sft/
+    folder = out / STAGES[recipe.stage].pushed_folder  # rejection / gatt train into sft/
     if not runs.is_run(folder):
         log(f"eval: no trained adapter in {out}; nothing to evaluate")
         return None

@@ -98,7 +98,7 @@ def model_card(folder: Path, repo_id: str) -> str:
     datasets = sorted({s.path for r in lineage for s in r.data.train + (r.data.eval or []) if is_hub_id(s.path)})
     stages = [r.stage for r in lineage]
     gguf = sorted(p.name for p in folder.glob("*.gguf"))
-    reward = bool(recipe and recipe.stage == "reward")
+    reward = bool(recipe and not runs.is_chat_model(recipe))
 
     front = {
         "license": "llama2",
@@ -119,8 +119,9 @@ def model_card(folder: Path, repo_id: str) -> str:
         m = metrics if r is recipe else {}
         lines.append(f"| {i} | {r.stage} | {data} | {m.get('global_step', r.train.max_steps or '')} | {_result(r.stage, m)} |")
     if recipe:
-        lines += ["", f"LoRA r={recipe.lora.r}, alpha={recipe.lora.alpha}, dropout={recipe.lora.dropout} on "
-                  f"{', '.join(recipe.lora.target_modules)}; base weights {recipe.model.quantization} during training; "
+        lora = runs.trained_lora(recipe, missing_ok=True)
+        lines += ["", f"LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout} on "
+                  f"{', '.join(lora.target_modules)}; base weights {recipe.model.quantization} during training; "
                   f"learning rate {recipe.train.learning_rate:g} ({recipe.train.lr_scheduler}), "
                   f"{recipe.train.batch_size}×{recipe.train.gradient_accumulation_steps} sequences per step, "
                   f"max length {recipe.data.max_length}."]

@@ -105,7 +105,7 @@ def merge(run_dir: str | Path, output: str | Path, *, dtype: str = "float16", ba
 def _check_inputs(run_dir: Path, target: Path, force: bool):
     """The run's recipe, if the run is a finished chat-model run and the target may be written."""
     recipe = runs.read_recipe(run_dir)
-    if recipe.stage == "reward":
+    if not runs.is_chat_model(recipe):
         raise UserError(f"{run_dir} is a reward model; merge exports chat models (score with `llama-ft score`)")
     for name in (runs.ADAPTER_CONFIG, runs.ADAPTER_WEIGHTS):
         if not (run_dir / name).is_file():

@@ -219,6 +219,15 @@ class PPOSection(Section):
                              f"(batch_size x samples_per_prompt = {self.batch_size * self.samples_per_prompt})")
         return self
 
+    def check_recipe(self, recipe: "Recipe") -> None:
+        """What the ppo: section needs of the rest of the recipe (Recipe's validator calls a stage section's check)."""
+        if self.mini_batch_size % recipe.train.batch_size:
+            raise ValueError(f"train.batch_size {recipe.train.batch_size} (answers per forward pass) must divide "
+                             f"ppo.mini_batch_size {self.mini_batch_size}")
+        if recipe.train.gradient_accumulation_steps != 1:
+            raise ValueError("stage ppo: leave train.gradient_accumulation_steps at 1; an optimiser step takes "
+                             "ppo.mini_batch_size answers, train.batch_size per forward pass")
+
 
 class GAttSection(Section):
     instructions: str | None = Field(
@@ -277,9 +286,6 @@ class EvalSection(Section):
 
 
 # the stages and their own sections are declared once, in ft/stages/registry.py
-STAGE_SECTIONS = {s.section: s.name for s in STAGES.values() if s.section}  # section -> the stage it belongs to
-
-
 class Recipe(Section):
     stage: Literal[tuple(STAGES)] = Field("sft", description="Which stage this recipe is for.")
     model: ModelSection = Field(description="The base model and how it is loaded.")
@@ -295,31 +301,39 @@ class Recipe(Section):
     output_dir: str = Field(description="The run folder (relative to the current directory).")
     output: OutputSection = Field(default_factory=OutputSection, description="Publishing the finished run to the Hub.")
 
+    @field_validator("stage", mode="plain")
+    @classmethod
+    def _a_registered_stage(cls, value: Any) -> str:
+        """Any stage in the registry, also one registered after this module was imported (the Literal above is the
+        keys page's list)."""
+        if not isinstance(value, str) or value not in STAGES:
+            raise ValueError(f"expected one of {', '.join(STAGES)}")
+        return value
+
     @model_validator(mode="after")
     def _sections_match_stage(self):
-        for section, stage in STAGE_SECTIONS.items():
-            if getattr(self, section) is not None and self.stage != stage:
-                raise ValueError(f"section '{section}' belongs to stage {stage}, but this recipe's stage is {self.stage}")
-        if self.eval is not None and self.stage == "reward":
-            raise ValueError("section 'eval' benchmarks a chat model; a reward model is not one (score answers with "
-                             "`llama-ft score`)")
-        if self.stage == "rejection" and self.rejection is None:
-            raise ValueError("stage rejection needs a 'rejection' section (at least rejection.reward_model)")
-        if self.stage == "reward" and self.reward is None:
-            self.reward = RewardSection()
-        if self.stage == "dpo" and self.dpo is None:
-            self.dpo = DPOSection()
-        if self.stage == "gatt" and self.gatt is None:
-            self.gatt = GAttSection()
-        if self.stage == "ppo":
-            if self.ppo is None:
-                raise ValueError("stage ppo needs a 'ppo' section (at least ppo.reward_models or ppo.reward_function)")
-            if self.ppo.mini_batch_size % self.train.batch_size:
-                raise ValueError(f"train.batch_size {self.train.batch_size} (answers per forward pass) must divide "
-                                 f"ppo.mini_batch_size {self.ppo.mini_batch_size}")
-            if self.train.gradient_accumulation_steps != 1:
-                raise ValueError("stage ppo: leave train.gradient_accumulation_steps at 1; an optimiser step takes "
-                                 "ppo.mini_batch_size answers, train.batch_size per forward pass")
+        """Read from the registry, for every stage alike: a stage's own section belongs only to its recipes; absent, it
+        is its defaults, or an error naming what it needs; the section checks the recipe around it (`check_recipe`);
+        eval: benchmarks only a chat model."""
+        info = STAGES[self.stage]
+        for other in STAGES.values():
+            if other.section and other.name != self.stage and getattr(self, other.section) is not None:
+                raise ValueError(f"section '{other.section}' belongs to stage {other.name}, but this recipe's stage is "
+                                 f"{self.stage}")
+        if self.eval is not None and not info.chat_model:
+            raise ValueError(f"section 'eval' benchmarks a chat model; a {self.stage} model is not one (score answers "
+                             "with `llama-ft score`)")
+        section = getattr(self, info.section) if info.section else None
+        if info.section and section is None:
+            try:
+                section = section_type(type(self).model_fields[info.section].annotation)()
+            except ValidationError as e:
+                needed = [".".join(map(str, err["loc"])) for err in e.errors() if err["type"] == "missing"]
+                why = f"at least {info.section}.{needed[0]}" if needed else e.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ValueError(f"stage {self.stage} needs a '{info.section}' section ({why})") from None
+            setattr(self, info.section, section)
+        if hasattr(section, "check_recipe"):
+            section.check_recipe(self)
         return self
 
 
@@ -420,7 +434,7 @@ def _describe(err: dict) -> str:
     if err["type"] == "missing":
         return f"  {where}: required key is missing"
     got = err.get("input")
-    got_text = f", got {got!r}" if not isinstance(got, dict) else ""
+    got_text = f", got {got!r}" if not isinstance(got, (dict, BaseModel)) else ""
     return f"  {where}: {err['msg']}{got_text}"
 
 

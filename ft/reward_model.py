@@ -97,7 +97,7 @@ def transformer(peft_model):
 def reward_recipe(run_dir: str | Path):
     """The recipe of a finished reward-model run, or a UserError saying what the folder is instead."""
     recipe = runs.read_recipe(run_dir)
-    if recipe.stage != "reward":
+    if runs.is_chat_model(recipe):
         raise UserError(f"{run_dir}: not a reward model run (its stage is {recipe.stage})")
     if not runs.is_run(run_dir):
         raise UserError(f"{run_dir}: no {runs.ADAPTER_CONFIG}; the reward run did not finish")

@@ -14,7 +14,7 @@ output_dir/
 Every final file is written to a temporary name and renamed into place, so an interrupted job
 never leaves a folder that looks finished. This module is also the one reader of run folders: whether a folder is
 a run (`is_run`) and finished (`require_finished`), its recipe (`read_recipe`), its adapter's config and LoRA shape
-(`adapter_config`, `lora_shape`).
+(`adapter_config`, `lora_shape`), and the LoRA shape a recipe trains (`trained_lora`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import yaml
 from ft import distributed
 from ft import recipe as recipe_mod
 from ft.errors import UserError
+from ft.stages.registry import STAGES
 
 RECIPE_FILE = "recipe.yaml"
 INPUTS_FILE = "inputs.json"
@@ -75,6 +76,44 @@ def lora_shape(folder: str | Path, what: str = "adapter") -> recipe_mod.LoraSect
                                   target_modules=sorted(set(saved["target_modules"])))
 
 
+def is_chat_model(recipe: recipe_mod.Recipe) -> bool:
+    """Whether a run of this recipe trains a chat model (chat, merge, compare and eval take it), not a scorer."""
+    return STAGES[recipe.stage].chat_model
+
+
+def trained_lora(recipe: recipe_mod.Recipe, *, missing_ok: bool = False) -> recipe_mod.LoraSection:
+    """The LoRA shape this run trains, the one meaning of `lora:` that every reader uses (the resume check, the model
+    card, PPO's value adapter, the planner): the saved adapter's shape when the run continues one (model.adapter),
+    else the recipe's lora: section.
+
+    With model.adapter, a lora: key the user set (in the file or with --set; defaults do not count) that differs from
+    the saved shape is a UserError naming both. `missing_ok`: an adapter that is not on disk yet (a pipeline's later
+    stage, a plan made before the run) gives lora: instead of an error.
+    """
+    adapter = recipe.model.adapter
+    if not adapter or (missing_ok and not (Path(adapter).expanduser() / ADAPTER_CONFIG).is_file()):
+        return recipe.lora
+    saved = lora_shape(adapter, "model.adapter")
+    if "lora" in recipe.model_fields_set:
+        given = {k: getattr(recipe.lora, k) for k in recipe.lora.model_fields_set}
+        if "target_modules" in given:
+            given["target_modules"] = sorted(set(given["target_modules"]))
+        clash = [f"lora.{k}: {v!r} in the recipe, {getattr(saved, k)!r} in model.adapter {adapter}"
+                 for k, v in given.items() if v != getattr(saved, k)]
+        if clash:
+            raise UserError(f"lora: contradicts the adapter this run continues ({'; '.join(clash)}): a continued "
+                            "adapter keeps its saved shape; drop those lora: keys, or start a new adapter without "
+                            "model.adapter")
+    return saved
+
+
+def with_trained_lora(recipe: recipe_mod.Recipe) -> recipe_mod.Recipe:
+    """The recipe with lora: set to the shape it trains (what the run folder's recipe.yaml records). A model.adapter
+    not on disk is left to the stage's loading to name."""
+    lora = trained_lora(recipe, missing_ok=True)
+    return recipe if lora is recipe.lora else recipe.model_copy(update={"lora": lora})
+
+
 # ---------------------------------------------------------------- writing a run folder
 
 
@@ -86,6 +125,7 @@ def prepare(recipe: recipe_mod.Recipe, *, resume: bool) -> tuple[Path, str | Non
 
 def _prepare(recipe: recipe_mod.Recipe, *, resume: bool) -> tuple[Path, str | None]:
     out = Path(recipe.output_dir).expanduser()
+    recipe = with_trained_lora(recipe)  # a lora: that contradicts model.adapter's saved shape is refused here
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out}: exists and is not a folder")
     existing = out / RECIPE_FILE
@@ -175,12 +215,12 @@ def changed_inputs(out: Path, recipe: recipe_mod.Recipe) -> list[str]:
 
 
 def lora_mismatch(checkpoint: Path, recipe: recipe_mod.Recipe) -> list[str]:
-    """Differences between the checkpoint's adapter shape and the recipe's LoRA section."""
+    """Differences between the checkpoint's adapter shape and the shape the recipe trains (trained_lora)."""
     if not (checkpoint / ADAPTER_CONFIG).is_file():
         return []
-    saved = lora_shape(checkpoint)
-    pairs = [("lora.r", saved.r, recipe.lora.r), ("lora.alpha", saved.alpha, recipe.lora.alpha),
-             ("lora.target_modules", saved.target_modules, sorted(recipe.lora.target_modules))]
+    saved, now = lora_shape(checkpoint), trained_lora(recipe)
+    pairs = [("lora.r", saved.r, now.r), ("lora.alpha", saved.alpha, now.alpha),
+             ("lora.target_modules", saved.target_modules, sorted(now.target_modules))]
     return [f"{key}: {old!r} in {checkpoint.name}, {new!r} now" for key, old, new in pairs if old != new]
 
 
@@ -206,9 +246,12 @@ def read_recipe(run_dir: str | Path) -> recipe_mod.Recipe:
 
 
 def diff(old: recipe_mod.Recipe, new: recipe_mod.Recipe) -> list[str]:
-    """Human-readable differences between two recipes, ignoring where the result goes (output_dir, output.*)."""
+    """Human-readable differences between two recipes, ignoring where the result goes (output_dir, output.*), and
+    lora: when both continue model.adapter (its saved shape is trained, and lora_mismatch checks it)."""
     a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
-    keys = sorted(k for k in set(a) | set(b) if k != "output_dir" and not k.startswith("output."))
+    continued = old.model.adapter and new.model.adapter
+    keys = sorted(k for k in set(a) | set(b) if k != "output_dir" and not k.startswith("output.")
+                  and not (continued and k.startswith("lora.")))
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)]
 
 

@@ -98,9 +98,9 @@ def chat_page(session, *, title: str):
         if not message:
             yield "", shown, "", gr.update()
             return
-        tab.stop.clear()
         if apply(tab, system, temperature, top_p, max_new_tokens):
             shown = []
+        resets = tab.resets
         shown = list(shown) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         text = ""
         try:
@@ -111,17 +111,25 @@ def chat_page(session, *, title: str):
         except UserError as e:
             raise gr.Error(str(e))
         answer = tab.last
+        if tab.resets != resets:  # cleared while it was generated: the answer went with the dialog it belonged to
+            yield "", [], "(history cleared)", gr.update(value=_transcript_file(tab.folder, tab.transcript()))
+            return
         shown[-1] = {"role": "assistant", "content": answer.text + (" [stopped]" if answer.stopped else "")}
         if not answer.text:  # stopped before its first word: the session kept no turn, nor does the page
             shown = shown[:-2]
         status = f"{'stopped after ' if answer.stopped else ''}{answer.tokens} tokens, {speed(answer)}"
         yield "", shown, status, gr.update(value=_transcript_file(tab.folder, tab.transcript()))
 
+    def arm(tab):
+        """At the click, before the request joins the queue: a stop pressed from now on, while it waits behind another
+        tab's answer, still counts (submit no longer clears it when its turn comes)."""
+        tab.stop.clear()
+
     def stop(tab):
         tab.stop.set()  # the one stop path: the generation ends at its next token and marks the answer stopped
 
-    def clear(tab):  # = /reset
-        tab.turns = []
+    def clear(tab):  # = /reset: an answer under way is stopped and not kept
+        tab.reset()
         return [], "(history cleared)", gr.update(value=_transcript_file(tab.folder, tab.transcript()))
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
@@ -147,8 +155,8 @@ def chat_page(session, *, title: str):
                                            label="max new tokens", elem_id="max_new_tokens")
         inputs = [message, dialog, tab, system, temperature, top_p, max_new_tokens]
         outputs = [message, dialog, status, download]
-        send.click(submit, inputs, outputs)
-        message.submit(submit, inputs, outputs)
+        send.click(arm, [tab], None, queue=False).then(submit, inputs, outputs)
+        message.submit(arm, [tab], None, queue=False).then(submit, inputs, outputs)
         stop_button.click(stop, [tab], None, queue=False)  # not queued: it must run while the answer holds the queue
         clear_button.click(clear, [tab], [dialog, status, download], queue=False)
         dialog.clear(clear, [tab], [dialog, status, download], queue=False)  # the dialog's own trash icon, the same

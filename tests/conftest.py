@@ -3,8 +3,10 @@ run built once per test session and shared by every pytest-xdist worker (a file 
 
 Markers (registered in pyproject.toml):
   slow  long learning checks, run only with LLAMA_FT_SLOW_TESTS=1
-  e2e   tests that start the command line or a whole stage (or use a fixture that does), given automatically:
-        `pytest -m "not e2e"` is the fast loop of arithmetic, format, mask and loss tests.
+  e2e   tests that start the command line in a subprocess or run a whole stage: given by fixture (a test that uses
+        one of E2E_FIXTURES, directly or through another fixture, is e2e) or by an explicit @pytest.mark.e2e on a test
+        that calls run_cli, start_cli or ft.run_stage itself. `pytest -m "not e2e"` is the fast loop of arithmetic,
+        format, mask and loss tests and of the refusals, which run the CLI in this process (`cli`).
 """
 
 import os
@@ -13,11 +15,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -25,33 +28,18 @@ from filelock import FileLock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW = os.environ.get("LLAMA_FT_SLOW_TESTS") == "1"
-# fixtures that run the CLI: a test using one is end to end
-CLI_FIXTURES = {"trained_run", "merged", "reward_run"}
+# fixtures that train or start the CLI in a subprocess (here, and in the test modules that define them): a test that
+# uses one, directly or through another fixture, is end to end
+E2E_FIXTURES = {"trained_run", "merged", "reward_run", "ppo_run", "half_trained", "two_process_run", "built",
+                "installed", "quick_pipeline", "tiny_pipeline"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") and not SLOW:
             item.add_marker(pytest.mark.skip(reason="slow: set LLAMA_FT_SLOW_TESTS=1"))
-        if CLI_FIXTURES & set(getattr(item, "fixturenames", ())) or _starts_the_cli(getattr(item, "function", None)):
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
-
-
-def _starts_the_cli(function, depth: int = 3) -> bool:
-    """Whether a test function (or a helper of its module it calls, a few calls deep) starts the CLI or a stage: run_cli,
-    subprocess, typer's CliRunner, ft.run_stage."""
-    code = getattr(function, "__code__", None)
-    if code is None or depth == 0:
-        return False
-    names = set(code.co_names)
-    for const in code.co_consts:  # nested functions and lambdas
-        if isinstance(const, types.CodeType):
-            names |= set(const.co_names)
-    if names & {"run_cli", "subprocess", "CliRunner", "run_stage"}:
-        return True
-    module = function.__globals__
-    return any(_starts_the_cli(module[n], depth - 1) for n in names
-               if isinstance(module.get(n), types.FunctionType) and module[n].__module__ == function.__module__)
 
 
 def shared(tmp_path_factory, name: str, build) -> Path:
@@ -164,6 +152,33 @@ def run_cli(*args, cwd=ROOT, timeout=600, env=None):
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def cli(*args, cwd=ROOT, env=None, timeout=None):
+    """`llama-ft ARGS` in this process: ft.cli.main, with its exit codes and its stdout and stderr, as run_cli returns
+    them. For refusals and quick commands: a subprocess pays 5-10 s importing torch, transformers, peft and
+    bitsandbytes, which this process imports once. Keep run_cli where the process boundary is the point (signals, a
+    fresh interpreter's imports, the console script, several processes). `timeout` is run_cli's, unused here."""
+    from ft import cli as cli_mod
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    os.chdir(cwd)
+    sys.argv = ["llama-ft", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli_mod.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["llama-ft", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, run_cli, write_jsonl
+from conftest import cli, ROOT, write_jsonl
 from ft import compare
 from ft.reward_model import Scorer, combine  # the scoring code every stage uses
 
@@ -18,7 +18,7 @@ FAST = ["--max-new-tokens", "16", "--batch-size", "16"]  # 16 tokens: every taug
 
 def compare_cli(out, *args):
     """`llama-ft compare ARGS --output OUT`: (compare.json, the compare.jsonl rows, the CompletedProcess)."""
-    result = run_cli("compare", *args, "--output", out, *FAST)
+    result = cli("compare", *args, "--output", out, *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "compare.jsonl").read_text(encoding="utf-8").splitlines()]
     return json.loads((out / "compare.json").read_text(encoding="utf-8")), rows, result
@@ -151,7 +151,7 @@ def test_a_default_output_folder_is_never_an_earlier_comparison(tmp_path, monkey
 
 
 def test_two_judges_exit_2_before_any_model_loads(tmp_path):
-    result = run_cli("compare", "builtin:tiny-llama-2", "builtin:tiny-llama-2", "--prompts", PROMPTS,
+    result = cli("compare", "builtin:tiny-llama-2", "builtin:tiny-llama-2", "--prompts", PROMPTS,
                      "--reward-model", "runs/rm", "--reward-function", CORRECT, "--output", tmp_path / "out")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "exactly one judge" in result.stderr and "Traceback" not in result.stderr and not (tmp_path / "out").exists()

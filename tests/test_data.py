@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import cli, write_jsonl
 from ft import data
 from ft.errors import UserError
 from ft.recipe import DataSource
@@ -101,7 +101,7 @@ def test_invalid_utf8_through_the_cli_exits_2_without_traceback(tmp_path):
 
     path = tmp_path / "d.jsonl"
     path.write_bytes((json.dumps({"messages": QA}) + "\n").encode() + b"\x80\x81\n")
-    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", tmp_path / "run", "--set", f"data.train={path}")
+    result = cli("sft", "recipes/tiny.yaml", "--output-dir", tmp_path / "run", "--set", f"data.train={path}")
     assert result.returncode == 2 and f"{path} line 2: not UTF-8 text" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_jsonl
+from conftest import cli, ROOT, run_cli, write_jsonl
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FAST = ["--set", "train.report_to=none", "--set", "train.generate_samples=0"]
@@ -57,6 +57,7 @@ def equal_length_data(tokenizer, tmp_path_factory):
     return path, length
 
 
+@pytest.mark.e2e
 def test_one_process_at_batch_8_equals_two_at_batch_4(equal_length_data, tmp_path):
     path, length = equal_length_data
     common = ["--set", f"data.train={path}", "--set", f"data.max_length={2 * length}", "--set", "train.max_steps=6",
@@ -100,7 +101,7 @@ def test_a_2_process_qlora_run_learns_and_writes_one_complete_run_folder(two_pro
     assert json.loads((out / "inputs.json").read_text())["processes"] == "2"
     merged = run_cli("merge", out, "--output", out.parent / "merged")  # merge stays one process, same adapter format
     assert merged.returncode == 0, merged.stderr[-2000:]
-    chat = run_cli("chat", out.parent / "merged", "--prompt", "What is the capital of Peru?", "--temperature", "0",
+    chat = cli("chat", out.parent / "merged", "--prompt", "What is the capital of Peru?", "--temperature", "0",
                    "--max-new-tokens", "16")
     assert chat.returncode == 0 and chat.stdout.strip() == "The capital of Peru is Lima.", chat.stdout + chat.stderr[-1500:]
 
@@ -144,7 +145,7 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_equals_the_uninte
     state = json.loads((out / f"checkpoint-{stopped}" / "trainer_state.json").read_text())
     assert state["global_step"] == stopped  # one checkpoint, at the step both ranks stopped at
 
-    one = run_cli(*args, "--resume")  # another number of processes would change the batches: refused
+    one = cli(*args, "--resume")  # another number of processes would change the batches: refused
     assert one.returncode == 2 and "processes changed since the run started (2 then, 1 now)" in one.stderr, one.stderr
     resumed = torchrun(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -158,6 +159,7 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_equals_the_uninte
 
 
 
+@pytest.mark.e2e
 def test_stages_that_run_in_one_process_refuse_several(tmp_path):
     result = torchrun("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / "x")
     assert result.returncode != 0 and "llama-ft ppo runs in one process" in result.stderr, result.stderr[-2000:]

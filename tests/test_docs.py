@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import cli, ROOT
 
 
 def test_recipe_keys_page_is_the_schema_output():
-    result = run_cli("keys", "--markdown")
+    result = cli("keys", "--markdown")
     assert result.returncode == 0, result.stderr[-3000:]
     committed = (ROOT / "docs" / "recipe-keys.md").read_text(encoding="utf-8")
     assert committed == result.stdout, (

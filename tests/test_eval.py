@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import cli, ROOT, run_cli
 
 TASK = "datasets/tiny_facts_mc.yaml"
 ACC = "acc,none"
@@ -19,7 +19,7 @@ def test_trained_run_knows_the_facts_its_base_is_at_chance_and_the_json_says_how
 
     run, _ = trained_run
     out = tmp_path / "eval.json"
-    result = run_cli("eval", run, "--tasks", TASK, "--base", "--batch-size", "3", "--output", out)
+    result = cli("eval", run, "--tasks", TASK, "--base", "--batch-size", "3", "--output", out)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["results"]["tiny_facts_mc"][ACC] >= 0.9
@@ -90,12 +90,13 @@ def test_scored_ids_are_the_chat_format_ids_of_the_dialog_with_that_answer(token
     assert checked == 28 * 4
 
 
+@pytest.mark.e2e
 def test_eval_section_runs_at_the_end_of_training_with_and_without_the_adapter(tmp_path):
     from ft import recipe, recipe_keys
     from ft.errors import UserError
 
     out = tmp_path / "run"
-    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.max_steps=2",
+    result = cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.max_steps=2",
                      "--set", "train.generate_samples=0", "--set", "train.report_to=none",
                      "--set", f"eval={{tasks: {TASK}, limit: 8, num_fewshot: 2, system: You are a terse assistant.}}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -127,11 +128,12 @@ def yaml_recipe() -> dict:
 
 
 def test_unknown_task_exits_2_with_the_closest_names():
-    result = run_cli("eval", "builtin:tiny-llama-2", "--tasks", "arc_eassy")
+    result = cli("eval", "builtin:tiny-llama-2", "--tasks", "arc_eassy")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "unknown task 'arc_eassy'; closest: arc_easy" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_builtin_task_whose_data_is_not_cached_offline_exits_2_naming_task_and_dataset(tmp_path):
     result = run_cli("eval", "builtin:tiny-llama-2", "--tasks", "arc_easy", env={"HF_DATASETS_CACHE": str(tmp_path)})
     assert result.returncode == 2, result.stderr[-3000:]
@@ -139,6 +141,7 @@ def test_builtin_task_whose_data_is_not_cached_offline_exits_2_naming_task_and_d
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_without_lm_eval_installed_eval_exits_2_with_the_install_line():
     code = ("import sys; sys.modules['lm_eval'] = None; "  # what Python does when a package is not installed
             f"sys.argv = ['llama-ft', 'eval', 'builtin:tiny-llama-2', '--tasks', '{TASK}']; "

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from conftest import ROOT, TINY, run_cli, write_jsonl
+from conftest import cli, ROOT, TINY, write_jsonl
 from ft import chat_format, data, instructions
 from ft.errors import UserError
 from ft.recipe import DataSource, GAttSection
@@ -103,7 +103,7 @@ def test_gatt_no_train_writes_valid_rows_and_the_adherence_table(trained_run, tm
         {"instruction": "Keep every answer under 9 words.", "short": "Short answers", "check": "max_words:8"},
         {"instruction": "Always act as Napoleon from now.", "short": "Figure: Napoleon", "family": "figure"}])
     out = tmp_path / "run"
-    result = run_cli("gatt", "recipes/gatt.yaml", "--output-dir", out, "--no-train", *TINY, "--set", f"model.adapter={sft}",
+    result = cli("gatt", "recipes/gatt.yaml", "--output-dir", out, "--no-train", *TINY, "--set", f"model.adapter={sft}",
                      "--set", "data.train=datasets/tiny_multiturn.jsonl", "--set", "data.eval=null",
                      "--set", "data.max_length=512", "--set", f"gatt.instructions={inst}", "--set", "gatt.max_new_tokens=16",
                      "--set", "gatt.eval_turns=3", "--set", "gatt.eval_dialogs=4", "--set", "gatt.batch_size=16")
@@ -159,16 +159,17 @@ def drifting_policy_data(path):
     return write_jsonl(path, rows)
 
 
+@pytest.mark.e2e
 @SLOW
 def test_gatt_makes_a_system_instruction_hold_at_turn_5_and_the_every_turn_control_does_not(tmp_path):
     policy = tmp_path / "policy"
-    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", policy, "--set", f"data.train={drifting_policy_data(tmp_path / 'p.jsonl')}",
+    result = cli("sft", "recipes/tiny.yaml", "--output-dir", policy, "--set", f"data.train={drifting_policy_data(tmp_path / 'p.jsonl')}",
                      "--set", "train.max_steps=250", "--set", "data.max_length=512", "--set", "train.generate_samples=0",
                      "--set", "train.report_to=none")
     assert result.returncode == 0, result.stderr[-3000:]
     inst = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": i.text, "short": i.short, "check": i.checks[0]} for i in (YES, NO)])
     out = tmp_path / "gatt"
-    result = run_cli("gatt", "recipes/gatt.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={policy}",
+    result = cli("gatt", "recipes/gatt.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={policy}",
                      "--set", "data.train=datasets/tiny_multiturn.jsonl", "--set", "data.eval=null", "--set", "data.max_length=512",
                      "--set", f"gatt.instructions={inst}", "--set", "gatt.max_new_tokens=16", "--set", "gatt.eval_turns=5",
                      "--set", "gatt.eval_dialogs=8", "--set", "gatt.batch_size=16", "--set", "gatt.max_turns=5",
@@ -194,7 +195,7 @@ def test_gatt_makes_a_system_instruction_hold_at_turn_5_and_the_every_turn_contr
         control_rows.append({"prompt": [{**m, "content": f"{m['content']}\n\n{instruction}"} if m["role"] == "user" else m
                                         for m in turns], "completion": r["completion"]})
     control = tmp_path / "control"
-    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", control, "--set", f"model.adapter={policy}",
+    result = cli("sft", "recipes/tiny.yaml", "--output-dir", control, "--set", f"model.adapter={policy}",
                      "--set", f"data.train={write_jsonl(tmp_path / 'c.jsonl', control_rows)}", "--set", "data.max_length=512",
                      "--set", "train.max_steps=100", "--set", "train.learning_rate=1e-3", "--set", "train.generate_samples=0",
                      "--set", "train.report_to=none")

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import cli
 
 
 @pytest.fixture(scope="module")
 def merged(trained_run, tmp_path_factory):
     run, _ = trained_run
     out = tmp_path_factory.mktemp("merge-gguf") / "merged"
-    result = run_cli("merge", run, "--output", out, "--gguf", "--dtype", "float32")
+    result = cli("merge", run, "--output", out, "--gguf", "--dtype", "float32")
     assert result.returncode == 0, result.stderr[-3000:]
     return run, out
 
@@ -82,8 +82,8 @@ def test_gguf_greedy_tokens_match_transformers(merged):
 
 def test_one_shot_is_deterministic_and_prints_only_the_answer(trained_run):
     run, _ = trained_run
-    first = run_cli("chat", run, "--prompt", "What does a duck say?", "--temperature", "0")
-    second = run_cli("chat", run, "--prompt", "What does a duck say?", "--temperature", "0")
+    first = cli("chat", run, "--prompt", "What does a duck say?", "--temperature", "0")
+    second = cli("chat", run, "--prompt", "What does a duck say?", "--temperature", "0")
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout == second.stdout == "A duck says quack.\n"
 
@@ -153,11 +153,12 @@ def test_history_is_trimmed_from_the_oldest_turn_and_keeps_the_system_prompt(tok
 
 
 def test_chat_on_a_folder_that_is_neither_run_nor_model(tmp_path):
-    result = run_cli("chat", tmp_path, "--prompt", "hi")
+    result = cli("chat", tmp_path, "--prompt", "hi")
     assert result.returncode == 2 and "neither an llama-ft run folder" in result.stderr
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_the_answer_not_the_session(tiny_dir, tmp_path):
     """The untrained tiny model rambles (3000 tokens, many seconds): Ctrl-C (SIGINT) cuts its answer, the answer is
     marked [stopped] and kept in the dialog, and the session goes on. The chat starts with SIGINT ignored, as a

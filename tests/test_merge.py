@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import cli, ROOT
 
 
 def test_merged_folder_contents_and_report(merged):
@@ -47,25 +47,25 @@ def test_merged_logits_match_base_plus_adapter(merged):
 def test_merged_and_run_give_the_same_greedy_answer(merged):
     run, out = merged
     prompt = ["--prompt", "What is the capital of Kenya?", "--temperature", "0"]
-    from_merged = run_cli("chat", out, *prompt)
-    from_run = run_cli("chat", run, "--quantization", "none", *prompt)
-    again = run_cli("chat", out, *prompt)
+    from_merged = cli("chat", out, *prompt)
+    from_run = cli("chat", run, "--quantization", "none", *prompt)
+    again = cli("chat", out, *prompt)
     assert from_merged.returncode == from_run.returncode == 0, from_merged.stderr[-2000:]
     assert from_merged.stdout == from_run.stdout == again.stdout == "The capital of Kenya is Nairobi.\n"
 
 
 def test_merge_refuses_existing_output_missing_adapter_and_non_runs(merged, tmp_path):
     run, out = merged
-    exists = run_cli("merge", run, "--output", out)
+    exists = cli("merge", run, "--output", out)
     assert exists.returncode == 2 and "--force" in exists.stderr
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "recipe.yaml").write_text((run / "recipe.yaml").read_text())
-    missing = run_cli("merge", unfinished, "--output", tmp_path / "m")
+    missing = cli("merge", unfinished, "--output", tmp_path / "m")
     assert missing.returncode == 2 and "no adapter_config.json" in missing.stderr
-    not_a_run = run_cli("merge", tmp_path, "--output", tmp_path / "m")
+    not_a_run = cli("merge", tmp_path, "--output", tmp_path / "m")
     assert not_a_run.returncode == 2 and "not an llama-ft run folder" in not_a_run.stderr
-    bad_dtype = run_cli("merge", run, "--output", tmp_path / "m", "--dtype", "int4")
+    bad_dtype = cli("merge", run, "--output", tmp_path / "m", "--dtype", "int4")
     assert bad_dtype.returncode == 2
     for result in (exists, missing, not_a_run, bad_dtype):
         assert "Traceback" not in result.stderr
@@ -107,6 +107,7 @@ def fake_run(run, base, *, r=8):
     return run
 
 
+@pytest.mark.e2e
 def test_merge_memory_stays_near_one_output_shard(tmp_path):
     """A base in one big file merges tensor by tensor into small shards: memory follows the shard, not the model."""
     base = save_model(tmp_path / "base", hidden=512, intermediate=1536, layers=16, shard="1GB")
@@ -168,10 +169,10 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     base = save_model(tmp_path / "base")
     other = save_model(tmp_path / "other", hidden=192, intermediate=512)
     run = fake_run(tmp_path / "run", base)
-    result = run_cli("merge", run, "--output", tmp_path / "m", "--base", other)
+    result = cli("merge", run, "--output", tmp_path / "m", "--base", other)
     assert result.returncode == 2 and "does not fit base" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m").exists()
-    chat = run_cli("chat", other, "--adapter", run, "--prompt", "hi")
+    chat = cli("chat", other, "--adapter", run, "--prompt", "hi")
     assert chat.returncode == 2 and "does not fit" in chat.stderr and "Traceback" not in chat.stderr
 
 
@@ -180,5 +181,5 @@ def test_base_without_safetensors_is_a_clear_error(tmp_path):
     run = fake_run(tmp_path / "run", base)
     for f in base.glob("*.safetensors"):
         f.unlink()
-    result = run_cli("merge", run, "--output", tmp_path / "m")
+    result = cli("merge", run, "--output", tmp_path / "m")
     assert result.returncode == 2 and "no safetensors weights" in result.stderr

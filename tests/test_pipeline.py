@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import ft
-from conftest import ROOT, run_cli, shared
+from conftest import ROOT, cli, run_cli, shared
 from test_web import browser, browser_available  # noqa: F401 (the headless Chromium fixture)
 from ft import pipeline, pipeline_recipe, plan
 from ft import recipe as recipe_mod
@@ -61,7 +61,7 @@ def test_a_bad_pipeline_recipe_names_the_key(sets, message):
 
 
 def test_validate_and_plan_take_a_pipeline_recipe():
-    result = run_cli("validate", "recipes/llama2-chat.yaml")
+    result = cli("validate", "recipes/llama2-chat.yaml")
     assert result.returncode == 0 and "valid pipeline recipe" in result.stderr, result.stderr
     planned = pipeline.plan(pipeline_recipe.load(LLAMA2), plan.parse_gpu("t4"))
     assert all(s["plan"].fits for s in planned["stages"])  # one stage at a time on a T4
@@ -277,6 +277,7 @@ def label_one(browser, question: str, number: int) -> dict:
 
 
 @SLOW
+@pytest.mark.e2e
 @browser_available
 def test_people_label_on_the_annotate_page_rows_survive_kill_9_and_reach_reward_training(tmp_path, tiny_dir, browser):
     import socket

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import cli, ROOT
 from ft import plan, recipe
 from ft.errors import UserError
 
@@ -83,7 +83,7 @@ def test_chat_recipe_finishes_in_one_colab_session_and_the_full_run_is_one_set_a
 
 def test_batch_16_does_not_fit_a_t4_and_the_advice_applied_with_set_fits():
     # with the float32 upcast (the old default), where batch 1 is the only batch that fits 4,096 tokens on a T4
-    result = run_cli("plan", "recipes/chat.yaml", "--gpu", "t4", "--set", "train.batch_size=16",
+    result = cli("plan", "recipes/chat.yaml", "--gpu", "t4", "--set", "train.batch_size=16",
                      "--set", "data.max_length=4096", "--set", "model.upcast_frozen=true", "--json")
     assert result.returncode == 3, result.stderr
     out = json.loads(result.stdout)
@@ -96,7 +96,7 @@ def test_batch_16_does_not_fit_a_t4_and_the_advice_applied_with_set_fits():
         assert p.fits and p.peak_bytes == a["peak_bytes"], a
     first = changes[0]["set"]
     args = [x for s in first for x in ("--set", s)]
-    again = run_cli("plan", "recipes/chat.yaml", "--gpu", "t4", "--set", "train.batch_size=16",
+    again = cli("plan", "recipes/chat.yaml", "--gpu", "t4", "--set", "train.batch_size=16",
                     "--set", "model.upcast_frozen=true", *args)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "fits" in again.stdout and "memory at the peak" in again.stdout and "hours" in again.stdout
@@ -135,7 +135,7 @@ def test_the_report_is_fast_and_plan_imports_no_torch():
 
 
 def test_unknown_gpu_exits_2_listing_the_known_ones():
-    result = run_cli("plan", "recipes/chat.yaml", "--gpu", "gtx480")
+    result = cli("plan", "recipes/chat.yaml", "--gpu", "gtx480")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--gpu gtx480: unknown GPU" in result.stderr and "t4" in result.stderr and "a100-80g" in result.stderr
 
@@ -219,17 +219,6 @@ def test_training_stops_before_loading_when_the_gpu_is_too_small(monkeypatch):
     assert plan.check_before_training(recipe.load(CHAT)) is not None  # batch 1 fits in 14 GiB
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert plan.check_before_training(loaded) is None  # skipped on the CPU
-
-
-def test_stage_commands_take_force():
-    import inspect
-
-    from ft.cli import app
-
-    commands = {c.callback.__name__: c.callback for c in app.registered_commands}
-    for stage in ("sft", "reward", "dpo", "rejection"):
-        option = inspect.signature(commands[stage]).parameters["force"].default
-        assert "--force" in option.param_decls, stage
 
 
 # ---------------------------------------------------------------- stages that sample

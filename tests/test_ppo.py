@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_cli
+from conftest import cli, ROOT, TINY
 from ft import models, reward_model, rl
 from ft.stages import ppo as ppo_stage
 
@@ -245,7 +245,7 @@ def test_a_ppo_step_raises_the_log_probability_of_the_rewarded_answers(shared):
 def ppo_run(trained_run, tmp_path_factory):
     sft, _ = trained_run
     out = tmp_path_factory.mktemp("ppo") / "run"
-    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
+    result = cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
                      *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
                                 "ppo.safety_model=null", "train.max_steps=15", "train.save_steps=5", *CONTROLLER))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -273,7 +273,7 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(ppo_run):
 
     card = hub.model_card(out, "alice/tiny-ppo")
     assert "| 2 | ppo | `datasets/tiny_prompts.jsonl` | 15 | ppo: reward" in card
-    chat = run_cli("chat", out, "--prompt", "What is the capital of Peru?", "--temperature", "0", "--max-new-tokens", "12")
+    chat = cli("chat", out, "--prompt", "What is the capital of Peru?", "--temperature", "0", "--max-new-tokens", "12")
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
 
 
@@ -292,7 +292,7 @@ def test_interrupted_ppo_resumes_at_an_iteration_boundary_to_the_same_result(ppo
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr[-3000:]
     assert "continue with: llama-ft ppo recipes/ppo.yaml" in stderr and not (out / "metrics.json").exists()
-    resumed = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", out, *flags, "--resume")
+    resumed = cli("ppo", "recipes/ppo.yaml", "--output-dir", out, *flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, out))
     assert a["history"] == b["history"] and b["resumed_from"]
@@ -308,7 +308,7 @@ def test_interrupted_ppo_resumes_at_an_iteration_boundary_to_the_same_result(ppo
 def test_grpo_runs_through_trl_with_the_same_reward_and_run_folder(trained_run, tmp_path):
     sft, _ = trained_run
     out = tmp_path / "grpo"
-    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
+    result = cli("ppo", "recipes/ppo.yaml", "--output-dir", out,
                      *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]",
                                 "ppo.safety_model=null", "ppo.algorithm=grpo", "ppo.kl_target=null", "ppo.batch_size=4",
                                 "ppo.samples_per_prompt=2", "ppo.max_new_tokens=8", "train.max_steps=1"))
@@ -329,7 +329,7 @@ def test_grpo_runs_through_trl_with_the_same_reward_and_run_folder(trained_run, 
     (["ppo.kl_target=0"], "ppo.kl_target"),
 ])
 def test_bad_ppo_recipes_exit_2_before_anything_runs(sets, message, tmp_path):
-    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / "x", *(x for s in sets for x in ("--set", s)))
+    result = cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / "x", *(x for s in sets for x in ("--set", s)))
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "x").exists()  # refused before the run folder is made
 
@@ -356,14 +356,14 @@ def test_a_bad_reward_function_is_a_user_error(tmp_path):
 def half_trained(tmp_path_factory, tiny_dir):
     """The tiny SFT stopped at 35 steps: answers the taught facts half the time when sampling at temperature 1."""
     out = tmp_path_factory.mktemp("sft35") / "run"
-    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.max_steps=35",
+    result = cli("sft", "recipes/tiny.yaml", "--output-dir", out, "--set", "train.max_steps=35",
                      "--set", "train.generate_samples=0", "--set", "train.report_to=none")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
 def learning_run(tmp_path, adapter, *sets):
-    result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path,
+    result = cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path,
                      *ppo_flags(adapter, "ppo.samples_per_prompt=4", "ppo.mini_batch_size=16", "train.max_steps=15", "train.logging_steps=1",
                                 "train.learning_rate=1e-4", *sets), timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -427,7 +427,7 @@ def test_the_adaptive_beta_holds_the_kl_near_its_target_on_a_gameable_reward_whe
     sft, _ = trained_run
     runs = {}
     for name, sets in (("fixed", ["ppo.kl_target=null"]), ("adaptive", ["ppo.kl_target=2", "ppo.kl_horizon=64"])):
-        result = run_cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / name,
+        result = cli("ppo", "recipes/ppo.yaml", "--output-dir", tmp_path / name,
                          *ppo_flags(sft, f"ppo.reward_function={FUNCTIONS}:capitals", "ppo.reward_models=[]",
                                     "ppo.safety_model=null", "ppo.samples_per_prompt=4", "ppo.mini_batch_size=16",
                                     "train.max_steps=30", "train.learning_rate=1e-4", "ppo.kl_coef=0.05", *sets), timeout=1200)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_cli, write_jsonl
+from conftest import cli, ROOT, TINY, write_jsonl
 from ft import data
 from ft.errors import UserError
 from ft.recipe import DataSource
@@ -86,25 +86,25 @@ def test_reward_model_ranks_held_out_pairs(reward_run):
 
 
 def test_score_command_one_pair_and_jsonl(reward_run, tmp_path):
-    good = run_cli("score", reward_run, "--prompt", "What is the capital of India?", "--response", "The capital of India is Delhi.")
-    bad = run_cli("score", reward_run, "--prompt", "What is the capital of India?", "--response", "I do not know.")
+    good = cli("score", reward_run, "--prompt", "What is the capital of India?", "--response", "The capital of India is Delhi.")
+    bad = cli("score", reward_run, "--prompt", "What is the capital of India?", "--response", "I do not know.")
     assert good.returncode == bad.returncode == 0, good.stderr[-2000:]
     assert float(good.stdout) > float(bad.stdout)
     rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "What does a bee say?", "response": "Maybe."},
                                                {"prompt": "What does a bee say?", "response": "A bee says buzz."}])
-    result = run_cli("score", reward_run, "--input", rows, "--output", tmp_path / "out.jsonl")
+    result = cli("score", reward_run, "--input", rows, "--output", tmp_path / "out.jsonl")
     assert result.returncode == 0
     scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert scored[1]["score"] > scored[0]["score"] and scored[0]["response"] == "Maybe."
     for command in (["chat", reward_run, "--prompt", "hi"], ["merge", reward_run, "--output", tmp_path / "m"]):
-        wrong = run_cli(*command)
+        wrong = cli(*command)
         assert wrong.returncode == 2 and "reward model" in wrong.stderr and "Traceback" not in wrong.stderr
     bad_rows = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": "A", "rejected": "A"}])
-    refused_rows = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", tmp_path / "r", *TINY,
+    refused_rows = cli("reward", "recipes/reward-helpful.yaml", "--output-dir", tmp_path / "r", *TINY,
                            "--set", f"data.train={bad_rows}", "--set", "data.eval=null")
     assert refused_rows.returncode == 2 and "pairs.jsonl line 1: chosen and rejected answers are identical" in refused_rows.stderr
     bad_input = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q"}])
-    refused = run_cli("score", reward_run, "--input", bad_input)
+    refused = cli("score", reward_run, "--input", bad_input)
     assert refused.returncode == 2 and "bad.jsonl line 1" in refused.stderr
 
 
@@ -117,7 +117,7 @@ def test_dpo_moves_greedy_answers_to_the_chosen_ones(trained_run, tmp_path):
 
     sft, _ = trained_run
     out = tmp_path / "dpo"
-    result = run_cli("dpo", "recipes/dpo.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
+    result = cli("dpo", "recipes/dpo.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
                      "--set", "data.train=datasets/tiny_dpo.jsonl", "--set", "data.eval=null", "--set", "train.batch_size=4",
                      "--set", "train.max_steps=60", "--set", "train.learning_rate=5e-4", "--set", "dpo.sft_weight=2.0")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -172,7 +172,7 @@ def test_rejection_sampling_keeps_the_best_sample_and_fine_tunes_on_it(trained_r
 
     sft, _ = trained_run
     out = tmp_path / "rejection"
-    result = run_cli("rejection", "recipes/rejection.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
+    result = cli("rejection", "recipes/rejection.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
                      "--set", "data.train=datasets/tiny_prompts.jsonl", "--set", f"rejection.reward_model={reward_run}",
                      "--set", "rejection.safety_model=null", "--set", "rejection.temperature=1.5",
                      "--set", "rejection.max_new_tokens=24", "--set", "rejection.batch_size=4", "--set", "train.max_steps=5")
@@ -211,12 +211,13 @@ def test_a_reward_model_continuing_an_sft_adapter_trains_and_saves_a_score_head(
     assert "base_model.model.score.weight" in load_file(str(sft.parent / "rm-from-sft" / "adapter_model.safetensors"))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_reward_model_learns_in_bfloat16(tmp_path):
     """The reward model with model.dtype: bfloat16 (16-bit frozen weights, the float32 score head fed float32)
     ranks the held-out pairs as the float32 one does (reward_run)."""
     out = tmp_path / "reward"
-    result = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", out, *TINY,
+    result = cli("reward", "recipes/reward-helpful.yaml", "--output-dir", out, *TINY,
                      "--set", "data.train=datasets/tiny_prefs.jsonl", "--set", "data.eval=datasets/tiny_prefs_eval.jsonl",
                      "--set", "train.max_steps=60", "--set", "train.learning_rate=1e-3", "--set", "train.batch_size=4",
                      "--set", "model.dtype=bfloat16")
@@ -236,7 +237,7 @@ def test_dpo_learns_in_bfloat16(trained_run, tmp_path):
 
     sft, _ = trained_run
     out = tmp_path / "dpo"
-    result = run_cli("dpo", "recipes/dpo.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
+    result = cli("dpo", "recipes/dpo.yaml", "--output-dir", out, *TINY, "--set", f"model.adapter={sft}",
                      "--set", "data.train=datasets/tiny_dpo.jsonl", "--set", "data.eval=null", "--set", "train.batch_size=4",
                      "--set", "train.max_steps=60", "--set", "train.learning_rate=5e-4", "--set", "dpo.sft_weight=2.0",
                      "--set", "model.dtype=bfloat16")

@@ -189,6 +189,7 @@ def test_dry_run_sends_nothing(hub, tmp_path, run_copy):
     assert not hub.requests
 
 
+@pytest.mark.e2e
 def test_recipe_push_at_the_end_of_training_and_early_refusal(hub, tmp_path):
     args = ["sft", "recipes/tiny.yaml", "--set", "train.max_steps=3", "--set", "train.generate_samples=0",
             "--set", "train.report_to=none", "--set", "output.push=true", "--set", "output.repo_id=alice/from-recipe"]
@@ -201,6 +202,7 @@ def test_recipe_push_at_the_end_of_training_and_early_refusal(hub, tmp_path):
     assert set(hub.files("alice/from-recipe")) == RUN_FILES
 
 
+@pytest.mark.e2e
 def test_token_canary_never_lands_in_a_file_or_an_output(hub, tmp_path):
     """HF_TOKEN set for sft, merge and push: the token is in no file written and no output."""
     env = hub_env(hub, tmp_path)

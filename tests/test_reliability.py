@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import cli, ROOT
 
 QUICK = ["--set", "train.logging_steps=1", "--set", "train.generate_samples=0", "--set", "train.report_to=none"]
 
@@ -57,10 +57,11 @@ def adapter(run):
     return load_file(str(run / "adapter_model.safetensors"))
 
 
+@pytest.mark.e2e
 def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_adapter_and_losses(tmp_path):
     steps = ["--set", "train.max_steps=12", "--set", "train.save_steps=4"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    result = run_cli(*sft_args(straight, *steps))
+    result = cli(*sft_args(straight, *steps))
     assert result.returncode == 0, result.stderr[-3000:]
 
     proc = start_cli(*sft_args(crashed, *steps))
@@ -69,7 +70,7 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_the_same_adapter_and_losses
     assert finish(proc)[0] == -signal.SIGKILL
     assert not (crashed / "metrics.json").exists() and not (crashed / "adapter_model.safetensors").exists()
 
-    result = run_cli(*sft_args(crashed, *steps), "--resume")
+    result = cli(*sft_args(crashed, *steps), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout
     a, b = adapter(straight), adapter(crashed)
@@ -93,12 +94,12 @@ def test_reward_and_dpo_resume_to_the_same_result(stage, trained_run, tmp_path):
                 "--set", "data.train=datasets/tiny_dpo.jsonl", "--set", "train.batch_size=4",
                 "--set", "dpo.sft_weight=2.0", "--set", "train.learning_rate=5e-4"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    assert run_cli(*args, "--output-dir", straight).returncode == 0
+    assert cli(*args, "--output-dir", straight).returncode == 0
     proc = start_cli(*args, "--output-dir", crashed)
     wait_for(lambda: (crashed / "checkpoint-8" / "trainer_state.json").exists(), proc, "checkpoint-8")
     proc.send_signal(signal.SIGKILL)
     finish(proc)
-    result = run_cli(*args, "--output-dir", crashed, "--resume")
+    result = cli(*args, "--output-dir", crashed, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = adapter(straight), adapter(crashed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -117,6 +118,7 @@ def test_an_incomplete_checkpoint_is_skipped_on_resume(tmp_path):
     assert not (tmp_path / "checkpoint-8").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # ~75 s; the signal path stays in the default suite (test_sigterm_saves_a_checkpoint_like_ctrl_c) and so does bit-exact resuming (the kill -9 test)
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     out = tmp_path / "run"
@@ -135,13 +137,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     assert "continue with: llama-ft sft recipes/tiny.yaml" in output and "--resume" in output
     assert not (out / "metrics.json").exists() and not (out / "adapter_model.safetensors").exists()
 
-    result = run_cli(*args, "--resume")
+    result = cli(*args, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 40 and metrics["resumed_from"] == str(saved[0])
     assert [s for s, _ in metrics["loss_history"]][:2] == [1, 2]  # the steps before the interrupt are kept
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):
     out = tmp_path / "run"
     proc = start_cli(*sft_args(out, "--set", "train.max_steps=400", "--set", "train.save_steps=1000"))
@@ -152,6 +155,7 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):
     assert [(c / "trainer_state.json").is_file() for c in out.glob("checkpoint-*")] == [True]
 
 
+@pytest.mark.e2e
 def test_a_second_ctrl_c_aborts_without_saving(tmp_path):
     out = tmp_path / "run"
     proc = start_cli(*sft_args(out, "--set", "train.max_steps=400", "--set", "train.save_steps=1000"))
@@ -165,6 +169,7 @@ def test_a_second_ctrl_c_aborts_without_saving(tmp_path):
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.e2e
 def test_resume_refuses_changed_data_and_a_changed_lora_shape(tmp_path):
     data = tmp_path / "chat.jsonl"
     shutil.copy(ROOT / "datasets" / "tiny_chat.jsonl", data)
@@ -177,11 +182,11 @@ def test_resume_refuses_changed_data_and_a_changed_lora_shape(tmp_path):
 
     with data.open("a") as f:  # one more row: the checkpoint's data order no longer applies
         f.write(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}) + "\n")
-    result = run_cli(*args, "--resume")
+    result = cli(*args, "--resume")
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"data file {data} changed since the run started" in result.stderr and "Traceback" not in result.stderr
 
-    result = run_cli(*args, "--set", "lora.r=8", "--resume")
+    result = cli(*args, "--set", "lora.r=8", "--resume")
     assert result.returncode == 2 and "lora.r: 16 there, 8 now" in result.stderr
 
 
@@ -201,11 +206,12 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         out = locked / "run"
-    result = run_cli(*sft_args(out))
+    result = cli(*sft_args(out))
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"output_dir {out}: cannot write there" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_a_full_disk_while_saving_is_a_clear_error_and_nothing_looks_finished(tmp_path, tiny_dir):
     out = tmp_path / "run"
 
@@ -244,6 +250,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.e2e
 def test_a_tampered_checkpoint_cannot_run_code_on_resume(tmp_path):
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     args = sft_args(out, "--set", "train.max_steps=40", "--set", "train.save_steps=2")
@@ -253,7 +260,40 @@ def test_a_tampered_checkpoint_cannot_run_code_on_resume(tmp_path):
     finish(proc)
     checkpoint = Path(sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1])
     torch.save({"state": _Payload(marker)}, checkpoint / "rng_state.pth")  # torch.save pickles the payload
-    result = run_cli(*args, "--resume")
+    result = cli(*args, "--resume")
     assert result.returncode == 2 and "refused to load a file that holds more than tensors" in result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists()  # torch.load(weights_only=True) refused to build the object
+
+
+@pytest.mark.e2e
+def test_a_dpo_run_after_an_sft_at_r64_resumes_and_its_card_says_r64(tmp_path, tiny_dir):
+    """lora: has one meaning: a run that continues model.adapter trains the adapter's saved shape, so the default
+    lora: (r=16) neither blocks --resume ("lora.r: 64 in checkpoint-N, 16 now") nor shows in the card; a lora: key set
+    against the saved shape is refused, naming both."""
+    import ft
+    from ft import hub, runs
+    from ft.errors import UserError
+
+    quick = ["train.logging_steps=1", "train.generate_samples=0", "train.report_to=none", "train.max_steps=2",
+             "train.save_steps=1"]
+    sft = ft.run_stage("sft", ROOT / "recipes" / "tiny.yaml", output_dir=tmp_path / "sft", say=lambda m: None,
+                       overrides=[*quick, "lora.r=64", "lora.alpha=128"])
+    dpo = ["model.name=builtin:tiny-llama-2", f"model.adapter={sft}", "data.train=datasets/tiny_dpo.jsonl",
+           "data.eval=null", "data.skip_invalid=false", "train.gradient_accumulation_steps=1",
+           "train.gradient_checkpointing=false", "train.batch_size=2", *quick]
+    out = ft.run_stage("dpo", ROOT / "recipes" / "dpo.yaml", output_dir=tmp_path / "dpo", overrides=dpo,
+                       say=lambda m: None)
+    assert runs.lora_shape(out).r == 64 and runs.read_recipe(out).lora.r == 64  # recipe.yaml records what was trained
+    # as a run killed after its first checkpoint leaves it: checkpoint-1, no final adapter, no metrics.json
+    shutil.rmtree(out / "checkpoint-2")
+    for name in ("metrics.json", "adapter_model.safetensors", "adapter_config.json"):
+        (out / name).unlink()
+    ft.run_stage("dpo", ROOT / "recipes" / "dpo.yaml", output_dir=out, overrides=dpo, resume=True, say=lambda m: None)
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
+    card = hub.model_card(out, "alice/tiny-dpo")
+    assert "LoRA r=64, alpha=128," in card and "r=16" not in card
+
+    with pytest.raises(UserError, match=r"lora\.r: 16 in the recipe, 64 in model\.adapter"):
+        ft.run_stage("dpo", ROOT / "recipes" / "dpo.yaml", output_dir=tmp_path / "dpo2", overrides=[*dpo, "lora.r=16"])
+    assert not (tmp_path / "dpo2").exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, run_cli
+from conftest import cli, ROOT, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +78,9 @@ def test_adapter_reloaded_from_the_folder_answers_in_the_chat_format(run_dir):
 
 
 def test_rerun_into_a_finished_run_or_with_another_recipe_is_refused(run_dir):
-    again = run_cli("sft", "recipes/tiny.yaml", "--output-dir", run_dir, "--set", "train.save_steps=40")
+    again = cli("sft", "recipes/tiny.yaml", "--output-dir", run_dir, "--set", "train.save_steps=40")
     assert again.returncode == 2 and "already finished" in again.stderr
-    other = run_cli("sft", "recipes/tiny.yaml", "--output-dir", run_dir, "--set", "lora.r=8")
+    other = cli("sft", "recipes/tiny.yaml", "--output-dir", run_dir, "--set", "lora.r=8")
     assert other.returncode == 2 and "lora.r: 16 there, 8 now" in other.stderr
     assert "Traceback" not in again.stderr + other.stderr
 
@@ -93,29 +93,31 @@ def test_resume_continues_from_the_last_checkpoint(run_dir, tmp_path):
     for name in ("metrics.json", "adapter_model.safetensors", "adapter_config.json"):
         (crashed / name).unlink()
     shutil.rmtree(crashed / "checkpoint-100")
-    refused = run_cli("sft", "recipes/tiny.yaml", "--output-dir", crashed, "--set", "train.save_steps=40")
+    refused = cli("sft", "recipes/tiny.yaml", "--output-dir", crashed, "--set", "train.save_steps=40")
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
-    resumed = run_cli("sft", "recipes/tiny.yaml", "--output-dir", crashed, "--set", "train.save_steps=40", "--resume")
+    resumed = cli("sft", "recipes/tiny.yaml", "--output-dir", crashed, "--set", "train.save_steps=40", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "checkpoint-80" in resumed.stdout
     metrics = json.loads((crashed / "metrics.json").read_text())
     assert metrics["global_step"] == 100 and (crashed / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_bad_data_row_exits_2_before_any_training(tmp_path):
     bad = tmp_path / "bad.jsonl"
     lines = (ROOT / "datasets" / "tiny_chat.jsonl").read_text().splitlines()
     lines[4] = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]})
     bad.write_text("\n".join(lines) + "\n")
-    result = run_cli("sft", "recipes/tiny.yaml", "--output-dir", tmp_path / "run", "--set", f"data.train={bad}")
+    result = cli("sft", "recipes/tiny.yaml", "--output-dir", tmp_path / "run", "--set", f"data.train={bad}")
     assert result.returncode == 2
     assert f"{bad} line 5: message 2: unknown role 'robot'" in result.stderr and "Traceback" not in result.stderr
-    skipped = run_cli("sft", "recipes/tiny.yaml", "--output-dir", tmp_path / "run2", "--set", f"data.train={bad}",
+    skipped = cli("sft", "recipes/tiny.yaml", "--output-dir", tmp_path / "run2", "--set", f"data.train={bad}",
                       "--set", "data.skip_invalid=true", "--set", "train.max_steps=2", "--set", "train.generate_samples=0")
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "28 rows read, 27 examples kept, 1 invalid rows skipped" in skipped.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_the_demo_task_is_learned_in_bfloat16_and_the_run_merges(tmp_path):
     """model.dtype: bfloat16 on the CPU runs the 16-bit frozen-weights path (embeddings, head, norms and the residual

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, run_cli
+from conftest import cli, ROOT, TINY
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SECRET = "hf_never_on_the_page_0123456789"
@@ -218,7 +218,7 @@ def test_annotate_page_saves_rows_reward_trains_on(trained_run, browser, tmp_pat
                                  {"role": "assistant", "content": turns[0][1]},  # the first turn's chosen answer
                                  {"role": "user", "content": turns[1][0]}]
 
-    result = run_cli("reward", "recipes/reward-helpful.yaml", "--output-dir", tmp_path / "rm", *TINY,
+    result = cli("reward", "recipes/reward-helpful.yaml", "--output-dir", tmp_path / "rm", *TINY,
                      "--set", f"data.train={prefs}", "--set", "data.eval=null", "--set", "train.max_steps=2",
                      "--set", "train.batch_size=2", "--set", "train.save_steps=100")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -228,17 +228,17 @@ def test_annotate_page_saves_rows_reward_trains_on(trained_run, browser, tmp_pat
 @pytest.mark.parametrize("args", [["chat", "builtin:tiny-llama-2", "--web", "--share"],
                                   ["annotate", "builtin:tiny-llama-2", "--output", "x.jsonl", "--host", "0.0.0.0"]])
 def test_a_page_others_can_reach_needs_a_password(args, tmp_path):
-    result = run_cli(*args, cwd=tmp_path, env={"LLAMA_FT_WEB_AUTH": ""})
+    result = cli(*args, cwd=tmp_path, env={"LLAMA_FT_WEB_AUTH": ""})
     assert result.returncode == 2 and "--auth USER:PASS" in result.stderr and "--no-auth" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "x.jsonl").exists()
-    bad = run_cli(*args, cwd=tmp_path, env={"LLAMA_FT_WEB_AUTH": "no-colon"})
+    bad = cli(*args, cwd=tmp_path, env={"LLAMA_FT_WEB_AUTH": "no-colon"})
     assert bad.returncode == 2 and "expected USER:PASS" in bad.stderr
 
 
 def test_annotate_refuses_an_output_that_is_not_jsonl(tmp_path):
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "truncated\n')
-    result = run_cli("annotate", "builtin:tiny-llama-2", "--output", prefs)
+    result = cli("annotate", "builtin:tiny-llama-2", "--output", prefs)
     assert result.returncode == 2 and f"{prefs}:2: not valid JSON" in result.stderr
     assert prefs.read_text().endswith('"truncated\n')  # left as it was
 
@@ -301,6 +301,90 @@ def test_the_stop_event_ends_an_answer_and_keeps_the_dialog(tiny_dir):
     assert not session.answer("Again.").stopped and len(session.turns) == 4  # the session goes on
 
 
+def test_a_reset_during_an_answer_stops_it_and_keeps_nothing(tiny_dir):
+    """/reset (the page's clear) while an answer streams: the answer stops, and the cleared dialog stays empty."""
+    from ft import chat
+
+    net, tokenizer = chat.load("builtin:tiny-llama-2")
+    session = chat.Session(net, tokenizer, system=None, max_new_tokens=3000, temperature=0, top_p=1)
+    session.max_new_tokens = 3
+    session.answer("First.")
+    session.max_new_tokens = 3000
+    for _ in session.stream("Tell me everything."):
+        session.reset()  # as the clear button does, from the page's thread, while the answer streams
+    assert session.last.stopped and session.last.tokens < 3000 and session.turns == []
+    session.stop.clear()
+    session.max_new_tokens = 3
+    session.answer("Again.")
+    assert [m["content"] for m in session.turns][0] == "Again."  # the session goes on from the cleared dialog
+
+
+@pytest.fixture(scope="module")
+def rambling_page(tiny_dir):
+    """The chat page of the untrained tiny model, which rambles for 3000 tokens unless stopped, served in this
+    process (ft.web.chat, as `llama-ft chat --web` serves it)."""
+    pytest.importorskip("gradio")
+    from ft import web
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    page = web.chat("builtin:tiny-llama-2", max_new_tokens=3000, temperature=0, port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    page.close()
+
+
+def _send(driver, text):
+    type_into(driver, "#message textarea", text)
+    by_css(driver, "#send")[0].click()
+
+
+def _status(driver):
+    found = by_css(driver, "#status")
+    return found[0].text if found else ""
+
+
+@browser_available
+def test_a_stop_pressed_while_the_request_waits_in_the_queue_is_kept(rambling_page, browser):
+    """Tab 2 sends while tab 1's answer holds the queue, and presses stop while it waits: when its turn comes, it
+    generates nothing (before: the stop was forgotten and it rambled on)."""
+    browser.get(rambling_page)
+    first = browser.current_window_handle
+    _send(browser, "Tell me everything.")
+    wait_for(lambda: any(b.text.strip() for b in by_css(browser, '[data-testid="bot"]')), "tab 1's answer streaming")
+    browser.switch_to.new_window("tab")
+    try:
+        browser.get(rambling_page)
+        second = browser.current_window_handle
+        _send(browser, "And you, tell me everything too.")
+        time.sleep(1.0)  # its request is in the queue, behind tab 1's answer
+        by_css(browser, "#stop")[0].click()
+        browser.switch_to.window(first)
+        by_css(browser, "#stop")[0].click()
+        wait_for(lambda: "stopped after" in _status(browser), "tab 1's answer to stop")
+        browser.switch_to.window(second)
+        wait_for(lambda: "stopped after 0 tokens" in _status(browser), "tab 2's request to end without generating",
+                 timeout=60)
+        assert not by_css(browser, '[data-testid="bot"]')  # no answer, and its question is not kept either
+    finally:
+        browser.close()
+        browser.switch_to.window(first)
+
+
+@browser_available
+def test_clearing_during_an_answer_keeps_nothing_of_it(rambling_page, browser):
+    """Clear while the answer streams: the dialog is empty and stays empty when the generation ends, and the
+    transcript is empty (before: the answer came back into the cleared dialog)."""
+    browser.get(rambling_page)
+    _send(browser, "Tell me everything.")
+    wait_for(lambda: any(b.text.strip() for b in by_css(browser, '[data-testid="bot"]')), "the answer streaming")
+    by_css(browser, "#clear")[0].click()
+    wait_for(lambda: "cleared" in _status(browser) and not by_css(browser, '[data-testid="bot"]'), "the cleared dialog")
+    time.sleep(2.0)  # the generation's last pieces and its end have reached the page
+    assert not by_css(browser, '[data-testid="bot"]') and "cleared" in _status(browser)
+    assert json.loads(download(browser, "#download").read_text()) == []
+
+
 @pytest.mark.skipif(any(importlib.util.find_spec(name) is None for name in ("llama_cpp", "sse_starlette", "openai")),
                     reason="needs llama-cpp-python[server] and openai")
 def test_llama_cpp_server_answers_as_llama_ft_chat(merged):
@@ -310,7 +394,7 @@ def test_llama_cpp_server_answers_as_llama_ft_chat(merged):
 
     _, out = merged
     question = "What does a duck say?"
-    expected = run_cli("chat", out, "--prompt", question, "--temperature", "0", "--max-new-tokens", "40")
+    expected = cli("chat", out, "--prompt", question, "--temperature", "0", "--max-new-tokens", "40")
     assert expected.returncode == 0, expected.stderr[-2000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,10 +1,9 @@
 """What each stage keeps on the GPU and for how long: a stage is a function `Context -> list[Phase]` in STAGES, a
 phase the memory of one part of the stage (sampling, scoring, training) and its time. Pure arithmetic given a
-Context, apart from reading a run folder's adapter_config.json and sizing data.eval."""
+Context, apart from reading a saved adapter's shape (ft/runs.py) and sizing data.eval."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -15,6 +14,7 @@ from ft.plan.datasize import DataSize, data_size, tokenizer_file
 from ft.plan.hardware import GPU
 from ft.plan.memory import Shape, Step, kv_cache_bytes, step_terms, weight_bytes
 from ft.plan.speed import fixed_seconds, flops_per_token
+from ft import runs
 from ft.recipe import Recipe
 
 PhaseKind = Literal["sample", "score", "train"]
@@ -34,18 +34,11 @@ class Phase:
 
 
 def _adapter_lora(folder: str | Path) -> tuple[tuple, int] | None:
-    """(target modules, rank) of the LoRA adapter in a run folder, or None if its adapter_config.json is missing or
-    does not list its targets."""
-    config = Path(folder).expanduser() / "adapter_config.json"
-    if not config.is_file():
+    """(target modules, rank) of the LoRA adapter saved in a run folder, or None if it is not there yet."""
+    if not (Path(folder).expanduser() / runs.ADAPTER_CONFIG).is_file():
         return None
-    try:
-        cfg = json.loads(config.read_text())
-        if isinstance(cfg["target_modules"], list):
-            return tuple(cfg["target_modules"]), int(cfg["r"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+    saved = runs.lora_shape(folder)
+    return tuple(saved.target_modules), saved.r
 
 
 @dataclass
@@ -72,9 +65,8 @@ class Context:
     @cached_property
     def lora(self) -> tuple[tuple, int]:
         """(targets, rank) of the adapter being trained: the starting run's adapter if it is on disk, else lora:."""
-        adapter = self.recipe.model.adapter
-        found = _adapter_lora(adapter) if adapter else None
-        return found or (tuple(self.recipe.lora.target_modules), self.recipe.lora.r)
+        lora = runs.trained_lora(self.recipe, missing_ok=True)
+        return tuple(lora.target_modules), lora.r
 
     def step(self, **changes) -> Step:
         """The recipe's training step (model, LoRA, train: settings), with `changes` to its fields."""
@@ -82,7 +74,7 @@ class Context:
         t, q = self.recipe.train, self.recipe.model.quantization
         base = Step(shape=self.shape, sequences=t.batch_size, length=self.recipe.data.max_length, quantization=q,
                     compute_bytes=self.compute_bytes, upcast_frozen=self.upcast_frozen, targets=targets, r=r,
-                    dropout=self.recipe.lora.dropout, optim=t.optim, checkpointing=t.gradient_checkpointing)
+                    dropout=runs.trained_lora(self.recipe, missing_ok=True).dropout, optim=t.optim, checkpointing=t.gradient_checkpointing)
         return replace(base, **changes)
 
     def train_seconds(self, step: Step, tokens: float, micro_batch_tokens: float | None = None) -> float | None:
@@ -200,7 +192,7 @@ def _reward_runs(ctx: Context, folders: list[str]) -> list[tuple[Shape, tuple, i
     """(shape, targets, r) of each reward model run folder; the policy's shape and lora: where a folder is not there yet."""
     out = []
     for folder in folders:
-        if not (Path(folder).expanduser() / "adapter_config.json").is_file():
+        if not (Path(folder).expanduser() / runs.ADAPTER_CONFIG).is_file():
             ctx.notes.append(f"{folder}: not there yet; sized as the policy's base and LoRA")
         targets, rank = _adapter_lora(folder) or ctx.lora
         out.append((ctx.shape, targets, rank))

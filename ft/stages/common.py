@@ -1,19 +1,50 @@
-"""What every training stage shares: the recipe's `train:` section as Trainer arguments, and
-training that survives Ctrl-C (a checkpoint is saved, `--resume` continues it)."""
+"""What every training stage shares: its skeleton (`start`: the run folder, the seed and the "run folder:" line;
+`measured`: the measured section, after the models are loaded; then runs.save_final and metrics.json), the recipe's
+`train:` section as Trainer arguments, and training that survives Ctrl-C (a checkpoint is saved, `--resume` continues
+it)."""
 
 from __future__ import annotations
 
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from transformers import ProgressCallback, TrainerCallback
+from transformers import ProgressCallback, TrainerCallback, set_seed
 
-from ft import distributed, models
+from ft import distributed, memory_use, models, runs
 from ft.errors import Interrupted
 from ft.recipe import Recipe
+
+
+def start(recipe: Recipe, *, resume: bool, log) -> tuple[Path, str | None]:
+    """Every stage's first step: the run folder created (or checked for --resume; runs.prepare), the seed set before
+    any adapter or score head is initialised (so reruns and resumes repeat), and the "run folder:" line. Returns the
+    folder and the checkpoint to resume from (or None)."""
+    out, checkpoint = runs.prepare(recipe, resume=resume)
+    set_seed(recipe.train.seed)
+    log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
+    return out, checkpoint
+
+
+@contextmanager
+def measured():
+    """The stage's measured section (its training), entered once its models are loaded: the peak memory counts from
+    here (torch's CUDA peak, or the process's resident peak, reset on entry), so `peak_memory_bytes` means the same
+    for every stage: the loaded models plus what training adds, never a loading transient. Yields a dict that holds,
+    after the block, `train_seconds`, `peak_memory_bytes` and `peak_memory_kind` for the stage's metrics."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    memory_use.reset_peak()
+    figures: dict = {}
+    started = time.perf_counter()
+    yield figures
+    figures["train_seconds"] = round(time.perf_counter() - started, 3)
+    figures.update(memory_use.training_peak())
 
 
 def trainer_arguments(recipe: Recipe, out: Path, *, has_eval: bool) -> dict:

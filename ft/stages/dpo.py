@@ -9,20 +9,15 @@ merged model, the reference is the same base with the adapter disabled.
 
 from __future__ import annotations
 
-import time
-
-from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from ft import data, distributed, memory_use, models, runs
+from ft import data, distributed, models, runs
 from ft.recipe import Recipe
 from ft.stages import common
 
 
 def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
-    out, checkpoint = runs.prepare(recipe, resume=resume)
-    set_seed(recipe.train.seed)  # before the adapter (and score head) are initialised: reruns and resumes repeat
-    log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
+    out, checkpoint = common.start(recipe, resume=resume, log=log)
 
     # 1. tokenizer (the SFT run's, if starting from one) and pairs
     adapter = recipe.model.adapter
@@ -45,9 +40,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=as_dataset(train_pairs),
                          eval_dataset=as_dataset(eval_pairs) if eval_pairs else None, processing_class=tokenizer)
     models.keep_lora_float32(trainer.model)
-    started = time.perf_counter()
-    common.train(trainer, checkpoint)
-    seconds = time.perf_counter() - started
+    with common.measured() as measured:
+        common.train(trainer, checkpoint)
 
     # 4. save the trained adapter (not the frozen reference), then metrics
     runs.save_final(out, lambda tmp: common.save_adapter(trainer, tmp, adapters=["default"]))
@@ -58,10 +52,9 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "sft_weight": recipe.dpo.sft_weight,
         "reference": "frozen copy of the SFT adapter" if adapter else "the base (new adapter starts at zero)",
         "global_step": trainer.state.global_step,
-        "train_seconds": round(seconds, 3),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        **measured,
         **batch,
-        **memory_use.training_peak(),
         "data": {"train": vars(train_report)},
     }
     if eval_pairs:

@@ -29,7 +29,7 @@ import torch
 from ft import data, instructions as instructions_mod, memory_use, models, runs, sampling
 from ft.errors import UserError
 from ft.recipe import Recipe
-from ft.stages import sft as sft_stage
+from ft.stages import common, sft as sft_stage
 
 MODES = ("system", "every", "none")  # where the instruction is during the evaluation
 
@@ -40,7 +40,7 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
                         "(llama-ft sft OUTPUT_DIR/sft/recipe.yaml --resume)")
     cfg = recipe.gatt
     instructions = instructions_mod.load(cfg.instructions)
-    out, _ = runs.prepare(recipe, resume=False)
+    out, _ = common.start(recipe, resume=False, log=log)
 
     # 1-2. dialogs, held-out dialogs, and what each one gets
     dialogs, report = data.load_dialogs(recipe.data.train, skip_invalid=recipe.data.skip_invalid)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -49,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments, get_scheduler, set_seed
 from trl.trainer.utils import disable_dropout_in_model
 
-from ft import data, memory_use, models, reward_model, rl, runs, sampling
+from ft import data, models, reward_model, rl, runs, sampling
 from ft.errors import Interrupted, UserError
 from ft.recipe import Recipe
 from ft.rl import Rollout
@@ -69,9 +68,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         from ft.stages import ppo_trl  # imported here: ppo_trl builds on this module's load_policy
 
         return ppo_trl.run(recipe, function, resume=resume, log=log)
-    out, checkpoint = runs.prepare(recipe, resume=resume)
-    set_seed(t.seed)
-    log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
+    out, checkpoint = common.start(recipe, resume=resume, log=log)
 
     # 1. prompts (checked first), then one 4-bit base with the policy, reference, value and reward adapters
     ppo, prompts, report, eval_prompts = setup(recipe, function, log)
@@ -86,16 +83,12 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     if eval_prompts and checkpoint is None:
         eval_start = state["eval_start"] = ppo.evaluate(eval_prompts)
         log(f"eval prompts: mean reward of greedy answers {eval_start:.4f} before training")
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    with common.interruptible() as stopper:
+    with common.measured() as measured, common.interruptible() as stopper:
         after = AfterIteration(ppo, recipe, out, state, total, writer, stopper, log)
         fit(ppo, prompts, state, total, seed=t.seed, after_iteration=after)
     after.bar.close()
     if writer is not None:
         writer.close()
-    seconds = time.perf_counter() - started
 
     # 3. the policy adapter (the run's adapter), the value model beside it, the tokenizer; metrics last
     runs.save_final(out, lambda tmp: (ppo.save_models(tmp), ppo.tokenizer.save_pretrained(str(tmp))))
@@ -116,8 +109,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "reward_sources": ppo.rewards.names,
         "value_init": ppo.value_init,
         "resumed_from": checkpoint,
-        "train_seconds": round(seconds, 3),
-        **memory_use.training_peak(),
+        **measured,
         "data": {"train": vars(report)},
     }
     if eval_prompts:
@@ -222,7 +214,7 @@ def setup(recipe: Recipe, function=None, log=print):
     if rm_adapter is not None:
         models.add_adapter(model, "value", copy_of=rm_adapter, trainable=True)
     else:
-        models.add_adapter(model, "value", lora=recipe.lora, trainable=True)
+        models.add_adapter(model, "value", lora=runs.trained_lora(recipe), trainable=True)
     value_head = torch.nn.Linear(model.config.hidden_size, 1, bias=False, device=model.device, dtype=torch.float32)
     with torch.no_grad():
         value_head.weight.copy_(rm_head if rm_head is not None else torch.zeros_like(value_head.weight))

@@ -10,13 +10,10 @@ trainers have no adaptive controller, so ppo.kl_target is refused here rather th
 
 from __future__ import annotations
 
-import time
-
 import datasets
-from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from ft import memory_use, models, reward_model, runs
+from ft import models, reward_model, runs
 from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import common
@@ -49,9 +46,7 @@ def run(recipe: Recipe, function, *, resume: bool, log=print) -> dict:
         raise UserError(f"ppo.kl_target adapts PPO's beta; TRL's {cfg.algorithm} trainer has no such controller, only "
                         f"a fixed beta (ppo.kl_coef, passed as TRL's `beta`): set ppo.kl_target: null (--set "
                         f"ppo.kl_target=null) and ppo.kl_coef to the beta you want, or ppo.algorithm: ppo")
-    out, checkpoint = runs.prepare(recipe, resume=resume)
-    set_seed(t.seed)
-    log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
+    out, checkpoint = common.start(recipe, resume=resume, log=log)
     tokenizer, prompts, report, model, (rewards, _, _) = load_policy(recipe, function, log)
     answers = cfg.batch_size * cfg.samples_per_prompt
     steps_per_iteration = cfg.epochs * answers // cfg.mini_batch_size
@@ -73,9 +68,8 @@ def run(recipe: Recipe, function, *, resume: bool, log=print) -> dict:
     trainer = Trainer(model=model, reward_funcs=[TRLReward(rewards, tokenizer.eos_token_id, cfg.missing_eos_penalty)],
                       args=config, train_dataset=dataset, processing_class=tokenizer)
     models.keep_lora_float32(trainer.model)
-    started = time.perf_counter()
-    common.train(trainer, checkpoint)
-    seconds = time.perf_counter() - started
+    with common.measured() as measured:
+        common.train(trainer, checkpoint)
 
     runs.save_final(out, lambda tmp: (trainer.model.save_pretrained(str(tmp), selected_adapters=["default"]),
                                       tokenizer.save_pretrained(str(tmp))))
@@ -93,8 +87,7 @@ def run(recipe: Recipe, function, *, resume: bool, log=print) -> dict:
         "history": history,
         "reward_sources": rewards.names,
         "resumed_from": checkpoint,
-        "train_seconds": round(seconds, 3),
-        **memory_use.training_peak(),
+        **measured,
         "data": {"train": vars(report)},
     }
     runs.write_json(out / runs.METRICS_FILE, metrics)

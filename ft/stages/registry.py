@@ -1,7 +1,8 @@
 """The stage registry: what each training stage is, declared once, as plain data.
 
 Adding a stage means one entry in STAGES and one module `ft/stages/NAME.py` with
-`run(recipe, *, resume, log, **options)`. Everything else reads this table: the CLI makes one command per stage
+`run(recipe, *, resume, log, **options)` (tests/test_stages.py registers a toy stage and runs it through ft.run_stage
+and the CLI; ft.cli.add_stage_command adds the command of a stage registered after the CLI was imported). Everything else reads this table: the CLI makes one command per stage
 from it (`llama-ft NAME RECIPE [--set k=v]... [--output-dir DIR] [--resume] [--force]`), the recipe schema takes its
 `stage` names and sections from it, `llama-ft plan` its data kinds, `llama-ft push` its metric keys, and
 ft/runner.py (`ft.run_stage`) runs a stage by it.
@@ -28,10 +29,12 @@ class Stage:
     then_sft: str | None = None  # it samples data, then fine-tunes on it into output_dir/sft: what it writes first
     metric_keys: tuple[str, ...] = ()  # the keys of its metrics.json a model card shows, beyond the common ones
     next_merge: bool = False  # its "done" line says the next step: `llama-ft merge` of the policy adapter
+    chat_model: bool = True  # its adapter answers in chat (chat, merge, compare, eval: take it); False: it scores
 
     @property
     def pushed_folder(self) -> str:
-        """The folder under output_dir that output.push publishes ("" = output_dir itself)."""
+        """The folder under output_dir that holds the trained adapter: what output.push publishes and the recipe's eval:
+        section measures ("" = output_dir itself)."""
         return "sft" if self.then_sft else ""
 
 
@@ -40,7 +43,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           data_kind="dialogs", multi_process=True, resumable=True, next_merge=True,
           metric_keys=("loss_first", "loss_last", "eval_loss", "supervised_tokens", "supervised_tokens_per_second")),
     Stage("reward", "Train a reward model on preference pairs (ranking loss with Llama 2's margin).",
-          data_kind="pairs", multi_process=True, resumable=True, section="reward",
+          data_kind="pairs", multi_process=True, resumable=True, section="reward", chat_model=False,
           metric_keys=("loss_first", "loss_last", "eval_loss", "accuracy", "accuracy_split")),
     Stage("dpo", "Direct preference optimisation from an SFT run (the reference is the SFT model, no second copy).",
           data_kind="pairs", multi_process=True, resumable=True, section="dpo",

@@ -23,13 +23,13 @@ import torch
 from ft import data, memory_use, models, reward_model, runs, sampling
 from ft.errors import UserError
 from ft.recipe import Recipe
-from ft.stages import sft as sft_stage
+from ft.stages import common, sft as sft_stage
 
 
 def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) -> dict:
     if resume:
         raise UserError("rejection sampling has no checkpoints to resume; run it again into a new output_dir")
-    out, _ = runs.prepare(recipe, resume=resume)
+    out, _ = common.start(recipe, resume=False, log=log)
     cfg = recipe.rejection
 
     # 1. prompts, and the policy with the reward model(s) on one base

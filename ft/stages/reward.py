@@ -9,12 +9,9 @@ eval split (the training data if there is none), overall and per strength level.
 
 from __future__ import annotations
 
-import time
-
-from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from ft import data, distributed, memory_use, models, runs
+from ft import data, distributed, models, runs
 from ft.reward_model import Scorer, render
 from ft.errors import UserError
 from ft.recipe import Recipe
@@ -22,9 +19,7 @@ from ft.stages import common
 
 
 def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
-    out, checkpoint = runs.prepare(recipe, resume=resume)
-    set_seed(recipe.train.seed)  # before the adapter (and score head) are initialised: reruns and resumes repeat
-    log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
+    out, checkpoint = common.start(recipe, resume=resume, log=log)
 
     # 1. tokenizer and pairs, checked before the model is loaded
     tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
@@ -51,9 +46,8 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
                           center_rewards_coefficient=None)
     trainer = RewardTrainer(model=model, args=config, train_dataset=train_set, processing_class=tokenizer)
     models.keep_lora_float32(trainer.model)
-    started = time.perf_counter()
-    common.train(trainer, checkpoint)
-    seconds = time.perf_counter() - started
+    with common.measured() as measured:
+        common.train(trainer, checkpoint)
 
     # 4. save, evaluate, metrics last
     runs.save_final(out, lambda tmp: common.save_adapter(trainer, tmp))
@@ -64,12 +58,11 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "stage": "reward",
         "margin": mode,
         "global_step": trainer.state.global_step,
-        "train_seconds": round(seconds, 3),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "accuracy": accuracy,
         "accuracy_split": "eval" if eval_pairs else "train (no data.eval given)",
+        **measured,
         **batch,
-        **memory_use.training_peak(),
         "data": {"train": vars(train_report)},
     }
     runs.write_json(out / runs.METRICS_FILE, metrics)

@@ -7,21 +7,16 @@ at each example, and transformers' block-diagonal mask for SDPA; see data.Packed
 
 from __future__ import annotations
 
-import time
-
 import torch
-from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from ft import data, distributed, memory_use, models, runs
+from ft import data, distributed, models, runs
 from ft.stages import common
 from ft.recipe import Recipe
 
 
 def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
-    out, checkpoint = runs.prepare(recipe, resume=resume)
-    set_seed(recipe.train.seed)  # before the adapter (and score head) are initialised: reruns and resumes repeat
-    log(f"run folder: {out}" + (f" (resuming from {checkpoint})" if checkpoint else ""))
+    out, checkpoint = common.start(recipe, resume=resume, log=log)
 
     # 1. tokenizer and data: every row is checked before the model is loaded
     tokenizer = models.load_tokenizer(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
@@ -38,7 +33,6 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
 
     # 3. trainer: the recipe mapped onto TRL's SFTConfig
     t = recipe.train
-    on_gpu = torch.cuda.is_available()
     config = SFTConfig(
         **common.trainer_arguments(recipe, out, has_eval=eval_set is not None),
         max_length=cfg.max_length,
@@ -56,11 +50,9 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     models.keep_lora_float32(trainer.model)  # TRL casts QLoRA adapters to bfloat16, which a T4 lacks
 
     # 4. train
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    result = common.train(trainer, checkpoint)
-    seconds = time.perf_counter() - started
+    with common.measured() as measured:
+        result = common.train(trainer, checkpoint)
+    seconds = measured["train_seconds"]
 
     # 5. save the adapter and tokenizer, then the metrics (the "finished" marker)
     runs.save_final(out, lambda tmp: common.save_adapter(trainer, tmp))
@@ -75,12 +67,11 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
         "global_step": trainer.state.global_step,
         "loss_history": logged,  # [step, loss] as logged, the steps before a --resume included
         "resumed_from": checkpoint,
-        "train_seconds": round(seconds, 3),
+        **measured,
         **counts,
         "padding_fraction": counts["padding_tokens"] / max(counts["tokens"], 1),
         "supervised_tokens_per_second": counts["supervised_tokens"] / seconds if seconds else None,
         **batch,
-        **memory_use.training_peak(),
         "data": {"train": vars(train_report), "eval": vars(eval_report) if eval_report else None},
     }
     if eval_set is not None:

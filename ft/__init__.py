@@ -20,3 +20,11 @@ def run_stage(*args, **kwargs):
     from ft.runner import run_stage as run
 
     return run(*args, **kwargs)
+
+
+def run_pipeline(*args, **kwargs):
+    """Run the Llama 2-Chat pipeline from Python as `llama-ft pipeline RECIPE` does: see ft.pipeline.run_pipeline."""
+    # imported when called, as run_stage (tests/test_layout.py allows this re-export too)
+    from ft.pipeline import run_pipeline as run
+
+    return run(*args, **kwargs)

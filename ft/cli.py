@@ -95,6 +95,29 @@ for _stage in STAGES.values():
 
 
 @app.command()
+def pipeline(
+    recipe: Path = typer.Argument(..., help="The pipeline recipe YAML file (stage: pipeline)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the pipeline in output_dir where it stopped."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="RLHF rounds (overrides rounds; raise it to add one)."),
+    until: Optional[str] = typer.Option(None, "--until", metavar="ROUND/STAGE", help="Stop after this step, e.g. 1/reward or 2/rejection."),
+    set_: Optional[List[str]] = SetOption,
+):
+    """The Llama 2-Chat recipe in one command: SFT, then RLHF rounds (preferences, reward models, rejection sampling
+    and PPO), each measured against the SFT model and the round before."""
+    from ft.errors import Interrupted
+    from ft.pipeline import run_pipeline
+
+    try:
+        run_pipeline(recipe, overrides=set_ or [], rounds=rounds, until=until, resume=resume, log=typer.echo)
+    except Interrupted as e:
+        saved = f"saved {e.checkpoint}" if e.checkpoint else "no checkpoint could be saved"
+        again = " ".join(["llama-ft pipeline", str(recipe), *(f"--set {s}" for s in set_ or []),
+                          *([f"--rounds {rounds}"] if rounds else []), "--resume"])
+        typer.echo(f"\ninterrupted: {saved}\ncontinue with: {again}", err=True)
+        raise typer.Exit(128 + e.signum)
+
+
+@app.command()
 def score(
     run_dir: Path = typer.Argument(..., help="A reward model run folder."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="The user message."),
@@ -292,6 +315,18 @@ def validate(
     from ft import recipe as recipe_mod
     from ft.hub_id import is_hub_id
 
+    if _is_pipeline(recipe):
+        from ft import pipeline_recipe
+
+        pipe = pipeline_recipe.load(recipe, (set_ or []) + ([f"output_dir={output_dir}"] if output_dir else []))
+        sft = [] if pipe.sft.data is None else pipe.sft.data.train + (pipe.sft.data.eval or [])
+        for source in pipe.prompts.pool + pipe.prompts.held_out + sft:
+            if not is_hub_id(source.path) and not Path(source.path).expanduser().exists():
+                raise UserError(f"{recipe}: data file {source.path} not found (paths are relative to the current directory)")
+        typer.echo(pipeline_recipe.dump(pipe), nl=False)
+        typer.echo(f"# {recipe}: valid pipeline recipe ({pipe.rounds} rounds; every stage recipe it makes is valid)",
+                   err=True)
+        return
     loaded = recipe_mod.load(recipe, set_ or [], output_dir=output_dir)
     for source in loaded.data.train + (loaded.data.eval or []):
         if not is_hub_id(source.path) and not Path(source.path).expanduser().exists():
@@ -315,6 +350,8 @@ def plan(
     from ft import plan as plan_mod
     from ft import recipe as recipe_mod
 
+    if _is_pipeline(recipe):
+        _plan_pipeline(recipe, plan_mod.parse_gpu(gpu), set_ or [], session_hours, json_out)
     loaded = recipe_mod.load(recipe, set_ or [])
     result = plan_mod.make(loaded, plan_mod.parse_gpu(gpu), session_hours=session_hours)
     if json_out:
@@ -322,6 +359,49 @@ def plan(
     else:
         typer.echo(plan_mod.render(result, loaded, str(recipe)))
     raise typer.Exit(0 if result.fits else 3)
+
+
+def _is_pipeline(recipe: Path) -> bool:
+    """Whether the recipe file (or the shipped recipe it names) is a pipeline recipe (stage: pipeline)."""
+    from ft import pipeline_recipe, shipped
+    from ft import recipe as recipe_mod
+
+    path = Path(recipe).expanduser()
+    path = path if path.is_file() else shipped.find_recipe(path)
+    return path is not None and pipeline_recipe.is_pipeline(recipe_mod.read_yaml(path))
+
+
+def _plan_pipeline(recipe: Path, gpu, sets: list[str], session_hours: float, json_out: bool) -> None:
+    """`llama-ft plan` of a pipeline: its largest stage in full, then every stage's peak and hours, and each round's."""
+    import json
+
+    from ft import pipeline, pipeline_recipe
+    from ft import plan as plan_mod
+
+    pipe = pipeline_recipe.load(recipe, sets)
+    result = pipeline.plan(pipe, gpu, session_hours=session_hours)
+    largest = result["largest"]
+    fits = all(s["plan"].fits for s in result["stages"])
+    if json_out:
+        typer.echo(json.dumps({"recipe": str(recipe), "fits": fits,
+                               "largest": {"round": largest["round"], "stage": largest["stage"], **largest["plan"].to_json()},
+                               "stages": [{"round": s["round"], "stage": s["stage"], "fits": s["plan"].fits,
+                                           "peak_bytes": s["plan"].peak_bytes, "hours": s["plan"].hours}
+                                          for s in result["stages"]],
+                               "round_hours": result["round_hours"]}, indent=2))
+    else:
+        GiB = 1024 ** 3
+        typer.echo(plan_mod.render(largest["plan"], largest["recipe"], f"{recipe} (its largest stage: round "
+                                                                      f"{largest['round']} {largest['stage']})"))
+        typer.echo(f"\nevery stage on {gpu.key} ({gpu.memory / GiB:.1f} GiB), one at a time:")
+        typer.echo(f"  {'round':<6}{'stage':<16}{'peak GiB':>9}{'hours':>8}  fits")
+        for s in result["stages"]:
+            p = s["plan"]
+            hours = "?" if p.hours is None else f"{p.hours:.1f}"
+            typer.echo(f"  {s['round']:<6}{s['stage']:<16}{p.peak_bytes / GiB:>9.1f}{hours:>8}  {'yes' if p.fits else 'NO'}")
+        typer.echo("\nhours per round (training stages; sampling the preference pairs and the comparisons come on top): "
+                   + ", ".join(f"round {k}: {'?' if h is None else f'{h:.1f}'}" for k, h in result["round_hours"].items()))
+    raise typer.Exit(0 if fits else 3)
 
 
 @app.command()

@@ -313,6 +313,20 @@ def _judge_host(run: str):
     return model, tokenizer, section
 
 
+def rejudge(rows: list[dict], rewards: Rewards, *, tie_margin: float = DEFAULT_TIE_MARGIN) -> dict:
+    """The figures of compare.jsonl's rows (A's and B's answers) by another judge: win / tie / loss of A with their
+    intervals and each side's mean score, as compare.json has them per judge. The answers are not generated again."""
+    n = len(rows)
+    prompts, flags = [r["prompt"] for r in rows], [r["safety"] for r in rows]
+    with _flag_names():
+        scores, _ = rewards(prompts + prompts, [r["answer_a"] for r in rows] + [r["answer_b"] for r in rows],
+                            flags + flags)
+    probabilistic = rewards.function is None
+    verdicts = [verdict(r["answer_a"] == r["answer_b"], a, b, tie_margin, probabilistic)
+                for r, a, b in zip(rows, scores[:n], scores[n:])]
+    return {**summary(verdicts, scores[:n], scores[n:]), "n": n, "interval": INTERVAL}
+
+
 def verdict(identical: bool, score_a: float, score_b: float, tie_margin: float, probabilistic: bool) -> str:
     """'win', 'tie' or 'loss' of A over B on one prompt (see the module docstring for the tie rule)."""
     if identical:

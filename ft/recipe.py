@@ -385,6 +385,20 @@ def load(path: str | Path, overrides: Sequence[str] | None = None, *, output_dir
         print(f"note: {path} is not a file here: using the shipped recipe {found.name} ({found}); "
               f"to edit a copy: llama-ft recipes --copy {found.stem}", file=sys.stderr, flush=True)
         path = found
+    raw = read_yaml(path)
+    if raw.get("stage") == "pipeline":  # a recipe of its own kind: ft/pipeline_recipe.py
+        raise UserError(f"{path}: a pipeline recipe (stage: pipeline); run it with `llama-ft pipeline {path}`")
+    overrides = list(overrides or []) + ([f"output_dir={output_dir}"] if output_dir is not None else [])
+    for item in overrides:
+        apply_override(raw, item)
+    loaded = validate(raw, source=str(path), shipped=shipped.is_shipped(path))
+    if stage is not None and loaded.stage != stage:
+        raise UserError(f"{path}: this is a {loaded.stage} recipe; run it with `llama-ft {loaded.stage}`")
+    return loaded
+
+
+def read_yaml(path: Path) -> dict:
+    """The mapping a recipe file holds (safe_load), or a UserError naming the file."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as e:
@@ -393,13 +407,7 @@ def load(path: str | Path, overrides: Sequence[str] | None = None, *, output_dir
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
-    overrides = list(overrides or []) + ([f"output_dir={output_dir}"] if output_dir is not None else [])
-    for item in overrides:
-        apply_override(raw, item)
-    loaded = validate(raw, source=str(path), shipped=shipped.is_shipped(path))
-    if stage is not None and loaded.stage != stage:
-        raise UserError(f"{path}: this is a {loaded.stage} recipe; run it with `llama-ft {loaded.stage}`")
-    return loaded
+    return raw
 
 
 def apply_override(raw: dict, item: str) -> None:

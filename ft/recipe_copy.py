@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from ft import shipped
+from ft import pipeline_recipe, shipped
 from ft.errors import UserError
 from ft.recipe import validate
 
@@ -24,8 +24,16 @@ def copy_recipe(name: str, dest: Path | None) -> list[tuple[Path, Path]]:
         target = target / source.name
     if target.exists():
         raise UserError(f"{target}: already exists; choose another destination (nothing was written)")
-    loaded = validate(yaml.safe_load(source.read_text(encoding="utf-8")), source=str(source))
-    data = [s.path for s in loaded.data.train + (loaded.data.eval or [])]
+    raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    if pipeline_recipe.is_pipeline(raw):  # its prompts, its SFT data and the judge files shipped beside it
+        pipe = pipeline_recipe.PipelineRecipe.model_validate(raw)
+        sft = [] if pipe.sft.data is None else pipe.sft.data.train + (pipe.sft.data.eval or [])
+        data = [s.path for s in pipe.prompts.pool + pipe.prompts.held_out + sft]
+        data += [j.rpartition(":")[0] for j in (pipe.preferences.judge, pipe.compare.judge) if j and ".py:" in j]
+        data = list(dict.fromkeys(data))
+    else:
+        loaded = validate(raw, source=str(source))
+        data = [s.path for s in loaded.data.train + (loaded.data.eval or [])]
     samples = [(shipped.sample_file(p), Path(p)) for p in data if shipped.sample_file(p) is not None]
     for _, written in samples:
         if written.exists():

@@ -15,7 +15,8 @@ from ft.recipe import DataSource, Recipe, Section, section_type
 
 
 def field_docs() -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every recipe key: shown by `llama-ft keys`."""
+    """(dotted key, default, description) for every stage recipe key: shown by `llama-ft keys` (a pipeline recipe's
+    keys are on the Markdown page)."""
     return [(key, _default(field), field.description or "") for key, field, section in _walk(Recipe, "") if section is None]
 
 
@@ -40,6 +41,14 @@ def keys_markdown() -> str:
         lines += [f"## `{name}`", "", _escape(field.description or "") + see, "", *header]
         lines += [_key_row(key, sub) for key, sub, _ in _walk(section, f"{name}.")]
         lines.append("")
+    from ft.pipeline_recipe import PipelineRecipe
+
+    lines += ["## Pipeline recipes (`stage: pipeline`)", "",
+              "The keys of a `llama-ft pipeline` recipe, a kind of its own; more in [the pipeline](pipeline.md). A "
+              "stage block's `rejection:` and `ppo:` take the keys of the sections above, less the reward models the "
+              "pipeline fills in.", "", *header]
+    lines += [_key_row(key, field) for key, field, section in _walk(PipelineRecipe, "") if section is None]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -144,6 +144,14 @@ def load_reward_function(spec: str):
     return function
 
 
+def load_judge(spec: str) -> "Rewards":
+    """A judge as the pipeline names one: `FILE.py:NAME` (a reward function) or a frozen reward-model run folder
+    (loaded on its own). Its scores are probabilistic (Bradley-Terry) for a reward model, plain numbers otherwise."""
+    if spec.rpartition(":")[0].endswith(".py"):
+        return Rewards(function=load_reward_function(spec))
+    return Rewards({"judge": Scorer.load(spec)})
+
+
 class Rewards:
     """One score per answer from the recipe's reward source, with the parts it was combined from.
 

@@ -159,8 +159,9 @@ def chat_page(session, *, title: str):
     return page
 
 
-def annotate_page(annotator, *, title: str):
-    """The annotation page: a prompt, answers A and B, strength and safety, A/B is better, new dialog."""
+def annotate_page(annotator, *, title: str, on_close=None):
+    """The annotation page: a prompt, answers A and B, strength and safety, A/B is better, new dialog. `on_close()`
+    is called when a tab of it is closed (llama-ft pipeline stops waiting for rows then)."""
     import gradio as gr
 
     from ft.annotate import SAFETY_LABELS, STRENGTH_LABELS
@@ -221,6 +222,8 @@ def annotate_page(annotator, *, title: str):
         b_better.click(lambda *a: choose("B", *a), [strength, safety, dialog], chosen_outputs, concurrency_limit=None)
         new.click(new_dialog, [system, dialog], [dialog, history, prompt, answer_a, answer_b, status],
                   concurrency_limit=None)
+        if on_close is not None:
+            page.unload(on_close)
     return page
 
 

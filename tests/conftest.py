@@ -34,7 +34,7 @@ LLAMA_CPP_MISSING = ("llama-cpp-python is not installed: the GGUF files are not 
 # fixtures that train or start the CLI in a subprocess (here, and in the test modules that define them): a test that
 # uses one, directly or through another fixture, is end to end
 E2E_FIXTURES = {"trained_run", "merged", "reward_run", "ppo_run", "half_trained", "two_process_run", "built",
-                "installed", "smol_merged"}
+                "installed", "smol_merged", "quick_pipeline", "tiny_pipeline"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,8 @@ PACKAGE = ROOT / "ft"
 ALLOWED_CIRCLES = {
     # ft/__init__.py: the public ft.run_stage, imported when called so that `import ft` stays light
     ("ft", "ft.runner"),
+    # ft/__init__.py: the public ft.run_pipeline, imported when called for the same reason
+    ("ft", "ft.pipeline"),
     # ft/stages/ppo.py's run hands ppo.algorithm rloo/grpo to ft/stages/ppo_trl.py, which starts from ppo.load_policy
     ("ft.stages.ppo", "ft.stages.ppo_trl"),
 }

@@ -32,7 +32,10 @@ def test_help_is_fast_because_torch_is_not_imported():
 def test_every_shipped_recipe_validates_and_says_what_gpu_and_command(path):
     lines = path.read_text().splitlines()
     header = "\n".join(line for line in lines[:5] if line.startswith("#"))
-    loaded = recipe.load(path)
+    from ft import pipeline_recipe
+
+    raw = yaml.safe_load(path.read_text())
+    loaded = pipeline_recipe.load(path) if pipeline_recipe.is_pipeline(raw) else recipe.load(path)
     command = (f"llama-ft {loaded.stage} recipes/{path.name}", f"-m ft {loaded.stage} recipes/{path.name}")  # or a launcher
     assert "GPU" in header and any(c in header for c in command)
     result = cli("validate", path.relative_to(ROOT))

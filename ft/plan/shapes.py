@@ -1,5 +1,5 @@
-"""Which `Shape` a recipe's model has: Llama 2's published shapes built in, else the model's config.json from a
-local folder or the local Hugging Face cache. Never downloads."""
+"""Which `Shape` a recipe's model has: Llama 2's published shapes (and those of the other models a shipped recipe
+names) built in, else the model's config.json from a local folder or the local Hugging Face cache. Never downloads."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ LLAMA2 = {
     "7b": Shape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000),
     "13b": Shape(hidden=5120, layers=40, heads=40, kv_heads=40, intermediate=13824, vocab=32000),
     "70b": Shape(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=32000),
+}
+# The other checkpoints a shipped recipe names, from their published config.json (recipes/smol.yaml).
+BUILT_IN = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": Shape(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536,
+                                                 vocab=49152, tie_embeddings=True, head_dim=64),
 }
 _LLAMA2_ID = re.compile(r"(?:meta-llama/)?llama-2-(7|13|70)b(?:-chat)?(?:-hf)?", re.IGNORECASE)
 
@@ -56,6 +61,8 @@ def model_shape(name: str) -> tuple[Shape, str]:
     match = _LLAMA2_ID.fullmatch(name.strip())
     if match:
         return LLAMA2[match.group(1) + "b"], f"built-in Llama-2-{match.group(1)}b config"
+    if name in BUILT_IN:
+        return BUILT_IN[name], f"built-in {name.split('/')[1]} config"
     if name == tiny.NAME:
         cached = tiny.cache_dir() / f"tiny-llama-2-v{tiny.VERSION}" / "config.json"
         if cached.is_file():
@@ -76,7 +83,7 @@ def model_shape(name: str) -> tuple[Shape, str]:
     if cached is None:
         raise UserError(f"model.name {name!r}: its config.json is not in the local Hugging Face cache, and plan never "
                         f"downloads. Fetch just that file (a few KB) with `hf download {name} config.json`, or point "
-                        "model.name at a local folder holding config.json (built in: meta-llama/Llama-2-7b/13b/70b)")
+                        "model.name at a local folder holding config.json (built in: meta-llama/Llama-2-7b/13b/70b, HuggingFaceTB/SmolLM2-135M-Instruct)")
     return shape_from_config(_read_json(cached), str(cached)), "config.json from the Hub cache"
 
 

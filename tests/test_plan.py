@@ -119,16 +119,15 @@ def test_frozen_weights_in_the_compute_dtype_give_two_gigabytes_back_on_a_t4():
     assert "upcast to float32: model.upcast_frozen: true; false keeps them float16, 0.49" in upcast
 
 
-def test_the_report_is_fast_and_plan_imports_no_torch():
-    code = ("import sys, time; t = time.perf_counter(); from ft import plan, recipe; "
+def test_plan_imports_no_torch():  # what keeps it answering in about a second (no timing threshold: the load varies)
+    code = ("import sys; from ft import plan, recipe; "
             "p = plan.make(recipe.load('recipes/chat.yaml'), plan.parse_gpu('t4')); "
             "plan.render(p, recipe.load('recipes/chat.yaml'), 'x'); "
-            "print(time.perf_counter() - t, any(m in sys.modules for m in ('torch', 'transformers', 'trl', 'peft')))")
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes') if m in sys.modules))")
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    seconds, heavy = out.stdout.split()
-    assert heavy == "False" and float(seconds) < 2.0, out.stdout
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 # ---------------------------------------------------------------- strict at the edges

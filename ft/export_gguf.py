@@ -199,23 +199,6 @@ def bpe_vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list]:
     return tokens, types
 
 
-def end_of_turn(tokenizer) -> int | None:
-    """The id of the token the chat template closes an assistant turn with (Llama 2 `</s>`, ChatML `<|im_end|>`,
-    Llama 3 `<|eot_id|>`, Zephyr `</s>`): the first special token after the answer in a rendered dialog; None when
-    the template has none."""
-    marker = "llama-ft end-of-turn probe"
-    try:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
-                                                  {"role": "assistant", "content": marker}], tokenize=False)
-    except Exception:  # a template may refuse this dialog; then the tokenizer's EOS stands
-        return None
-    if marker not in rendered:
-        return None
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    after = tokenizer.encode(rendered[rendered.index(marker) + len(marker):], add_special_tokens=False)
-    return next((i for i in after if i in special), None)
-
-
 def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
@@ -300,7 +283,12 @@ def _write_vocabulary(writer, model_dir: Path, config: dict, kind: str, log) -> 
         if (add_prefix_space := _read_json(model_dir / "tokenizer_config.json").get("add_prefix_space")) is not None:
             writer.add_add_space_prefix(add_prefix_space)
     # the template the run trained with, and the token it ends a turn with as EOS: llama.cpp stops there
-    eot = end_of_turn(tokenizer)
+    eot = None
+    if tokenizer.chat_template:
+        try:
+            eot = chat_format.end_of_turn(tokenizer, name=str(model_dir))  # the owner of the chat format says which
+        except UserError:  # a template that ends an answer with no special token: the tokenizer's EOS stands
+            eot = None
     if eot is None and tokenizer.eos_token_id is None:
         raise UserError(f"{model_dir}: neither an end-of-turn token in the chat template nor an EOS token")
     if eot is not None and eot != tokenizer.eos_token_id:

@@ -12,8 +12,6 @@ ALLOWED_CIRCLES = {
     ("ft", "ft.runner"),
     # ft/__init__.py: the public ft.run_pipeline, imported when called for the same reason
     ("ft", "ft.pipeline"),
-    # ft/stages/ppo.py's run hands ppo.algorithm rloo/grpo to ft/stages/ppo_trl.py, which starts from ppo.load_policy
-    ("ft.stages.ppo", "ft.stages.ppo_trl"),
 }
 
 

@@ -61,6 +61,7 @@ from ft.errors import Interrupted
 from ft.recipe import Recipe
 from ft.rl import Rollout
 from ft.stages import common
+from ft.stages.policy import iterations, load_policy
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 STEP_STATISTICS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "ratio", "entropy")  # per token, per step
@@ -104,7 +105,7 @@ def run(recipe: Recipe, *, resume: bool = False, log=print) -> dict:
     cfg, t = recipe.ppo, recipe.train
     function = reward_model.load_reward_function(cfg.reward_function) if cfg.reward_function else None  # fail early
     if cfg.algorithm != "ppo":
-        from ft.stages import ppo_trl  # imported here: ppo_trl builds on this module's load_policy
+        from ft.stages import ppo_trl  # imported here: only rloo and grpo need TRL's trainers
 
         return ppo_trl.run(recipe, function, resume=resume, log=log)
     out, checkpoint = common.start(recipe, resume=resume, log=log)
@@ -391,28 +392,6 @@ def setup(recipe: Recipe, function=None, log=print):
     return ppo, prompts, report, eval_prompts
 
 
-def load_policy(recipe: Recipe, function, log):
-    """Tokenizer, prompts (checked before any model loads), the 4-bit base with the policy adapter, and the reward
-    source: (Rewards, the helpfulness model's score head, its adapter name), the heads and names None unless reward
-    models share the base. PPO's and RLOO/GRPO's (ft/stages/ppo_trl.py) common start."""
-    cfg = recipe.ppo
-    tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
-                                     trust_remote_code=recipe.model.trust_remote_code, chat_format=recipe.model.chat_format)
-    prompts, report = data.load_prompts(recipe.data.train, skip_invalid=recipe.data.skip_invalid, tokenizer=tokenizer,
-                                        max_length=recipe.data.max_length)
-    log(report.summary("prompts"))
-    model = models.attach_lora(models.load_model(recipe.model), recipe.lora, adapter=recipe.model.adapter,
-                               gradient_checkpointing=recipe.train.gradient_checkpointing,
-                               upcast_frozen=recipe.model.upcast_frozen)
-    if function is not None:
-        rewards = (reward_model.Rewards(function=function), None, None)
-    else:
-        rewards = reward_model.shared_rewards(model, tokenizer, recipe.model, cfg.reward_models, cfg.safety_model,
-                                              threshold=cfg.safety_threshold, batch_size=cfg.generation_batch_size,
-                                              log=log)
-    return tokenizer, prompts, report, model, rewards
-
-
 # ---------------------------------------------------------------- PPO on the shared base
 
 
@@ -691,11 +670,6 @@ class PPO:
 
 
 # ---------------------------------------------------------------- plumbing
-
-
-def iterations(recipe: Recipe, n_prompts: int) -> int:
-    """train.max_steps iterations, or enough for train.epochs passes over the prompts."""
-    return recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * n_prompts / recipe.ppo.batch_size))
 
 
 def prompt_indices(iteration: int, batch_size: int, n: int, seed: int) -> list[int]:

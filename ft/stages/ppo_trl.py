@@ -1,5 +1,5 @@
 """RLOO and GRPO (ppo.algorithm rloo | grpo) through TRL's trainers, on the same base, adapters, prompts and reward
-as PPO (ft/stages/ppo.py's `run` dispatches here; `load_policy` is the common start).
+as PPO (ft/stages/ppo.py's `run` dispatches here; ft/stages/policy.py's `load_policy` is the common start).
 
 TRL samples ppo.samples_per_prompt answers per prompt and compares their rewards within each prompt's group, with
 no value model. One iteration is ppo.batch_size prompts, so train.max_steps iterations are max_steps x
@@ -17,7 +17,7 @@ from ft import models, reward_model, runs
 from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import common
-from ft.stages.ppo import iterations, load_policy
+from ft.stages.policy import iterations, load_policy
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
 

@@ -24,6 +24,7 @@ from ft import data, memory_use, models, reward_model, runs, sampling
 from ft.errors import UserError
 from ft.recipe import Recipe
 from ft.stages import common, sft as sft_stage
+from ft.stages.policy import tokenizer_and_prompts
 
 
 def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) -> dict:
@@ -33,11 +34,7 @@ def run(recipe: Recipe, *, resume: bool = False, train: bool = True, log=print) 
     cfg = recipe.rejection
 
     # 1. prompts, and the policy with the reward model(s) on one base
-    tokenizer = models.load_tokenizer(recipe.model.adapter or recipe.model.name,
-                                     trust_remote_code=recipe.model.trust_remote_code, chat_format=recipe.model.chat_format)
-    prompts, report = data.load_prompts(recipe.data.train, skip_invalid=recipe.data.skip_invalid, tokenizer=tokenizer,
-                                        max_length=recipe.data.max_length)
-    log(report.summary("prompts"))
+    tokenizer, prompts, _ = tokenizer_and_prompts(recipe, log)
     policy = models.attach_lora(models.load_model(recipe.model), recipe.lora,
                                 adapter=recipe.model.adapter, gradient_checkpointing=False,
                                 upcast_frozen=recipe.model.upcast_frozen)

@@ -23,7 +23,6 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +51,9 @@ class TRLPhases:
         import torch
         from trl import GRPOTrainer
 
-        self.seconds = dict.fromkeys(PHASES, 0.0)
+        from ft.stages.ppo import PhaseTimer
+
+        self.timer = PhaseTimer()  # the clock of llama-ft ppo's phase_seconds, so both are timed alike
         for method, phase in (("_generate", "generate"), ("_calculate_rewards", "rewards"),
                               ("_get_per_token_logps_and_entropies", "reference_logprobs")):
             original = getattr(GRPOTrainer, method)
@@ -60,27 +61,15 @@ class TRLPhases:
             def timed(trainer, *a, _original=original, _phase=phase, **kw):
                 if _phase == "reference_logprobs" and torch.is_grad_enabled():  # the training forward: optimiser
                     return _original(trainer, *a, **kw)
-                with self.timing(_phase):
+                with self.timer(_phase):
                     return _original(trainer, *a, **kw)
 
             setattr(GRPOTrainer, method, timed)
 
-    @contextmanager
-    def timing(self, phase):
-        import torch
-
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            sync()
-            self.seconds[phase] += time.perf_counter() - started
-
     def take(self, total: float) -> dict:
         """The phases since the last take, the optimiser's being the rest of `total`."""
-        out, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
+        out = {phase: self.timer.seconds.get(phase, 0.0) for phase in PHASES}
+        self.timer.seconds = dict.fromkeys(self.timer.seconds, 0.0)
         out["optimiser"] = max(total - sum(out.values()), 0.0)
         return out
 

@@ -82,6 +82,9 @@ def chat_page(session, *, title: str):
     def new_tab():
         tab = session.fork()
         tab.folder = tempfile.mkdtemp(dir=folder)  # this tab's transcript file
+        # a send waits in the queue (behind another tab's answer) while it is clicked but its submit has not started
+        tab.sends_clicked = tab.sends_started = 0
+        tab.stop_waiting = False  # stop was pressed while a send waited: that send answers nothing
         return tab
 
     def apply(tab, system, temperature, top_p, max_new_tokens) -> bool:
@@ -93,14 +96,21 @@ def chat_page(session, *, title: str):
             return True
         return False
 
+    def arm(tab):  # not queued: counts the send at its click, while its submit may still wait for the queue
+        tab.sends_clicked += 1
+
     def submit(message, shown, tab, system, temperature, top_p, max_new_tokens):
+        tab.sends_started += 1
+        stop_waiting, tab.stop_waiting = tab.stop_waiting, False
         message = message.strip()
         if not message:
             yield "", shown, "", gr.update()
             return
         if apply(tab, system, temperature, top_p, max_new_tokens):
             shown = []
-        tab.stop.clear()
+        tab.stop.clear()  # a stop of an earlier answer is over; one pressed while this send waited is kept
+        if stop_waiting:
+            tab.stop.set()  # Session.stream then generates nothing and keeps no turn
         resets = tab.resets
         shown = list(shown) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         text = ""
@@ -122,6 +132,8 @@ def chat_page(session, *, title: str):
         yield "", shown, status, gr.update(value=_transcript_file(tab.folder, tab.transcript()))
 
     def stop(tab):
+        if tab.sends_clicked > tab.sends_started:  # a send waits in the queue: it must not answer when its turn comes
+            tab.stop_waiting = True
         tab.stop.set()  # the one stop path: the generation ends at its next token and marks the answer stopped
 
     def clear(tab):  # = /reset: an answer under way is stopped and not kept
@@ -151,8 +163,9 @@ def chat_page(session, *, title: str):
                                            label="max new tokens", elem_id="max_new_tokens")
         inputs = [message, dialog, tab, system, temperature, top_p, max_new_tokens]
         outputs = [message, dialog, status, download]
-        send.click(submit, inputs, outputs)
-        message.submit(submit, inputs, outputs)
+        for event in (send.click, message.submit):  # two listeners each: the count at the click, the queued answer
+            event(arm, [tab], None, queue=False)
+            event(submit, inputs, outputs)
         stop_button.click(stop, [tab], None, queue=False)  # not queued: it must run while the answer holds the queue
         clear_button.click(clear, [tab], [dialog, status, download], queue=False)
         dialog.clear(clear, [tab], [dialog, status, download], queue=False)  # the dialog's own trash icon, the same

@@ -346,8 +346,6 @@ def _status(driver):
 
 @browser_available
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known bug, not fixed yet: submit clears the stop when its turn comes; arming "
-                   "the stop at the click with a non-queued step chained by .then() broke the chat page's answers")
 def test_a_stop_pressed_while_the_request_waits_in_the_queue_is_kept(rambling_page, browser):
     """Tab 2 sends while tab 1's answer holds the queue, and presses stop while it waits: when its turn comes, it
     generates nothing (before: the stop was forgotten and it rambled on)."""

@@ -164,10 +164,11 @@ def test_dpo_moves_answers_toward_the_chosen_ones(smol, smol_run, tmp_path):
 @pytest.mark.e2e
 def test_compare_tuned_model_against_its_base(smol, smol_run, tmp_path):
     out, _ = smol_run
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in _facts("smol_facts.jsonl")])
+    facts = _facts("smol_facts.jsonl")  # the eight invented facts and the six the model already knows
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in facts])
     result = run_cli("compare", out, smol, "--prompts", prompts, "--reward-function",
                      str(ROOT / "tests" / "reward_functions.py") + ":smol_facts", "--temperature", "0",
                      "--max-new-tokens", "32", "--output", tmp_path / "cmp", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert report["n"] == 8 and report["win"] > report["loss"]
+    assert report["n"] == len(facts) and report["win"] > report["loss"]

@@ -7,6 +7,8 @@ on the raw SentencePiece model (sentencepiece itself, not the Hugging Face token
 import pytest
 import sentencepiece as spm
 
+from conftest import a, s, u
+
 from ft import chat_format
 from ft.errors import UserError
 
@@ -30,18 +32,6 @@ def meta_reference(sp, dialog):
     if len(dialog) % 2:
         tokens += [sp.bos_id()] + sp.encode(f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}")
     return tokens
-
-
-def u(text):
-    return {"role": "user", "content": text}
-
-
-def a(text):
-    return {"role": "assistant", "content": text}
-
-
-def s(text):
-    return {"role": "system", "content": text}
 
 
 DIALOGS = {

@@ -15,6 +15,8 @@ import json
 import pytest
 from tokenizers import Regex, pre_tokenizers
 
+from conftest import a, s, u
+
 from ft import chat_format, data, models
 from ft.errors import UserError
 from ft.recipe import DataSource
@@ -30,18 +32,6 @@ ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
                 r"\s+(?!\S)|\s+")
 EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "zephyr": "</s>"}
-
-
-def u(text):
-    return {"role": "user", "content": text}
-
-
-def a(text):
-    return {"role": "assistant", "content": text}
-
-
-def s(text):
-    return {"role": "system", "content": text}
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,15 @@ generate, rewards, old log-probs, reference log-probs, values, advantages, optim
 llama-ft's PPO times its phases itself (metrics.json's `phase_seconds`); for the two TRL runs this script wraps
 GRPOTrainer's `_generate`, `_calculate_rewards` and its no-grad `_get_per_token_logps_and_entropies` with timers
 (with one step per generation, TRL skips the old log-probs: those calls are the reference's), and the rest of the
-training loop is counted as the optimiser's. `--plan-gpu` adds `llama-ft plan`'s split of the PPO iteration
+training loop is counted as the optimiser's. By default every answer is exactly --max-new-tokens long (the end of
+turn is held back until then, in all three runs alike), so that the three do the same work on answers of the same
+length; `--free-lengths` lets answers end where the model ends them (their mean length is then reported beside the
+time, and differs between the runs). `--plan-gpu` adds `llama-ft plan`'s split of the PPO iteration
 (sampling vs. training and scoring) for the same recipe on that GPU.
 
     python benchmarks/rl_speed.py                                   # the built-in tiny model (random weights)
-    python benchmarks/rl_speed.py --model ~/.cache/llama-ft-test-models/smollm2-135m-instruct --iterations 4
+    OMP_NUM_THREADS=1 python benchmarks/rl_speed.py --model ~/.cache/llama-ft-test-models/smollm2-135m-instruct \
+        --iterations 3 --max-new-tokens 32 --repeats 3                  # the real model, as in docs/measurements.md
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +47,21 @@ def overrides(args, work: Path, name: str, algorithm: str) -> list[str]:
             f"train.batch_size={answers}", "train.gradient_accumulation_steps=1", "train.gradient_checkpointing=false",
             f"train.max_steps={args.iterations}", "train.save_steps=100000", "train.logging_steps=100000",
             "train.report_to=none", f"output_dir={work / name}"]
+
+
+def equal_lengths() -> None:
+    """Every generate call in this process writes exactly max_new_tokens: transformers' min_new_tokens holds the end
+    of turn back until then. Both llama-ft's sampler and TRL's GRPOTrainer generate through GenerationMixin.generate."""
+    from transformers import GenerationMixin
+
+    original = GenerationMixin.generate
+
+    def generate(model, *a, **kw):
+        config = kw.get("generation_config") or model.generation_config
+        kw["min_new_tokens"] = kw.get("max_new_tokens") or config.max_new_tokens
+        return original(model, *a, **kw)
+
+    GenerationMixin.generate = generate
 
 
 class TRLPhases:
@@ -98,7 +118,7 @@ def run_plain_trl(args, work: Path, phases: TRLPhases) -> dict:
 
     from ft import models, recipe as recipe_mod, reward_model, tiny
 
-    recipe = recipe_mod.load(ROOT / "recipes" / "ppo.yaml", overrides(args, work, "plain", "grpo"))
+    recipe = recipe_mod.load(ROOT / "recipes" / "ppo.yaml", overrides(args, work, f"plain-{args.repeat}", "grpo"))
     path = str(tiny.path()) if args.model == tiny.NAME else args.model
     tokenizer = models.load_tokenizer(path)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -107,7 +127,7 @@ def run_plain_trl(args, work: Path, phases: TRLPhases) -> dict:
     lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                       target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
     answers = args.prompts * args.samples
-    config = GRPOConfig(output_dir=str(work / "plain"), max_steps=args.iterations, learning_rate=recipe.train.learning_rate,
+    config = GRPOConfig(output_dir=str(work / f"plain-{args.repeat}"), max_steps=args.iterations, learning_rate=recipe.train.learning_rate,
                         per_device_train_batch_size=answers, gradient_accumulation_steps=1, generation_batch_size=answers,
                         num_generations=args.samples, max_completion_length=args.max_new_tokens, beta=recipe.ppo.kl_coef,
                         temperature=1.0, top_p=1.0, top_k=0, num_iterations=1, report_to=[], save_strategy="no",
@@ -151,6 +171,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--plan-gpu", default=None, help="Also print `llama-ft plan`'s PPO split on this GPU.")
     parser.add_argument("--only", default="ppo,grpo,trl", help="Which of ppo, grpo, trl to run.")
+    parser.add_argument("--repeats", type=int, default=1, help="Runs of each, interleaved; medians reported.")
+    parser.add_argument("--free-lengths", action="store_true",
+                        help="Let answers end at their end of turn (by default each is --max-new-tokens long).")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -158,26 +181,42 @@ def main() -> None:
     source = (ROOT / "datasets" / "tiny_prompts.jsonl").read_text(encoding="utf-8").splitlines()
     (work / "prompts.jsonl").write_text("\n".join(source[i % len(source)] for i in range(max(64, args.prompts))) + "\n")
     phases = TRLPhases()
-    runners = {"ppo": lambda: run_llama_ft(args, work, "ppo", "ppo", phases),
-               "grpo": lambda: run_llama_ft(args, work, "grpo", "grpo", phases),
+    if not args.free_lengths:
+        equal_lengths()
+    runners = {"ppo": lambda: run_llama_ft(args, work, f"ppo-{args.repeat}", "ppo", phases),
+               "grpo": lambda: run_llama_ft(args, work, f"grpo-{args.repeat}", "grpo", phases),
                "trl": lambda: run_plain_trl(args, work, phases)}
-    answers = args.prompts * args.samples
+    names, answers = args.only.split(","), args.prompts * args.samples
+    runs = {name: [] for name in names}  # one result per repeat, the three interleaved within each repeat
+    for args.repeat in range(args.repeats):
+        for name in names:
+            result = runners[name]()
+            result["per_16"] = result["seconds"] / args.iterations / answers * 16
+            runs[name].append(result)
+            print(f"repeat {args.repeat + 1}/{args.repeats} {name}: {result['per_16']:.3f} s per 16 answers")
     results = {}
-    for name in args.only.split(","):
-        result = runners[name]()
-        total = sum(result["phases"].values()) or 1.0
-        results[name] = {"seconds_per_16": round(result["seconds"] / args.iterations / answers * 16, 3),
-                         "answer_length": result["answer_length"] and round(result["answer_length"], 2),
-                         "share": {k: round(result["phases"].get(k, 0.0) / total, 3) for k in PHASES}}
-        print(f"{name:>5}: {results[name]['seconds_per_16']:.3f} s per 16 answers, answer length "
-              f"{results[name]['answer_length']}, " + ", ".join(f"{k} {v:.0%}" for k, v in results[name]["share"].items() if v))
+    for name in names:
+        median = statistics.median(r["per_16"] for r in runs[name])
+        middle = min(runs[name], key=lambda r: abs(r["per_16"] - median))  # its phase shares are reported
+        total = sum(middle["phases"].values()) or 1.0
+        lengths = [r["answer_length"] for r in runs[name] if r["answer_length"] is not None]
+        results[name] = {"seconds_per_16": round(median, 3), "each_repeat": [round(r["per_16"], 3) for r in runs[name]],
+                         "answer_length": round(statistics.mean(lengths), 2) if lengths else None,
+                         "share": {k: round(middle["phases"].get(k, 0.0) / total, 3) for k in PHASES}}
+        print(f"{name:>5}: {results[name]['seconds_per_16']:.3f} s per 16 answers (median of {args.repeats}), answer "
+              f"length {results[name]['answer_length']}, "
+              + ", ".join(f"{k} {v:.0%}" for k, v in results[name]["share"].items() if v))
     if "trl" in results:
         for name in ("ppo", "grpo"):
-            if name in results:
-                results[name]["x_plain_trl"] = round(results[name]["seconds_per_16"] / results["trl"]["seconds_per_16"], 2)
-                print(f"{name}: {results[name]['x_plain_trl']}x plain TRL GRPO")
+            if name in results:  # the median of each repeat's ratio: a repeat's runs saw the same machine load
+                ratios = [r["per_16"] / t["per_16"] for r, t in zip(runs[name], runs["trl"])]
+                results[name]["x_plain_trl"] = round(statistics.median(ratios), 2)
+                results[name]["x_plain_trl_each_repeat"] = [round(x, 2) for x in ratios]
+                print(f"{name}: {results[name]['x_plain_trl']}x plain TRL GRPO (each repeat: "
+                      f"{', '.join(f'{x:.2f}' for x in ratios)})")
     report = {"model": args.model, "quantization": args.quantization, "prompts": args.prompts, "samples": args.samples,
-              "max_new_tokens": args.max_new_tokens, "iterations": args.iterations, "runs": results}
+              "max_new_tokens": args.max_new_tokens, "equal_lengths": not args.free_lengths, "iterations": args.iterations, "repeats": args.repeats,
+              "runs": results}
     if args.plan_gpu:
         report["plan_split"] = plan_split(args, work, args.plan_gpu)
         print(f"plan ({args.plan_gpu}): " + ", ".join(f"{k} {v:.0%}" for k, v in report["plan_split"].items()))

@@ -222,6 +222,33 @@ def test_iteration_0_has_ratio_1_and_only_policy_and_value_change(shared):
     assert not torch.equal(head, ppo.value_head.weight)
 
 
+def test_without_an_sft_adapter_the_reference_is_the_base_with_adapters_off(tmp_path):
+    """model.adapter null: the policy starts as a new (zero) adapter, so no reference copy is made; the reference pass
+    gives the base model's log-probs (adapters disabled), equal to the policy's at iteration 0 (KL exactly 0) and
+    unchanged once the policy has moved."""
+    from ft import recipe as recipe_mod
+
+    recipe = recipe_mod.load(ROOT / "recipes" / "ppo.yaml", [
+        "model.name=builtin:tiny-llama-2", "model.adapter=null", "data.train=datasets/tiny_prompts.jsonl",
+        "data.eval=null", f"ppo.reward_function={FUNCTIONS}:brevity", "ppo.reward_models=[]", "ppo.safety_model=null",
+        "ppo.max_new_tokens=6", "ppo.batch_size=8", "ppo.mini_batch_size=8", "train.batch_size=4",
+        "train.learning_rate=1e-3", f"output_dir={tmp_path}"])
+    ppo, prompts, _, _ = ppo_stage.setup(recipe, reward_model.load_reward_function(recipe.ppo.reward_function),
+                                         log=lambda *a: None)
+    assert set(ppo.model.peft_config) == {"default", "value"} and ppo.reference is None
+    torch.manual_seed(0)
+    first = ppo.iteration(prompts[:8])
+    assert first["kl"] == 0.0 and first["ratio"] == 1.0
+    torch.manual_seed(1)
+    batch = ppo.collect(prompts[8:16])
+    order = torch.arange(batch.n)
+    ppo.score(batch, order)
+    with torch.no_grad(), ppo.model.disable_adapter():
+        base = ppo.logprobs(batch, order)[0] * batch.mask
+    assert torch.equal(batch.logp_ref, base)
+    assert not torch.equal(batch.logp_old, batch.logp_ref)  # the policy has moved away from the base
+
+
 def test_a_ppo_step_raises_the_log_probability_of_the_rewarded_answers(shared):
     ppo, prompts = shared
     ppo.rewards = reward_model.Rewards(function=reward_model.load_reward_function(f"{FUNCTIONS}:brevity"))

@@ -3,7 +3,8 @@
 One copy of the 4-bit base weights carries every model PPO needs, each a LoRA adapter:
   default      the policy, trained (it starts as the SFT run's adapter, model.adapter);
   reference    a frozen copy of that same adapter (with adapters merely disabled the reference would be
-               the pre-SFT base);
+               the pre-SFT base); without model.adapter the policy starts as a new adapter, zero, so the reference
+               is the base itself, its pass run with the adapters disabled (as DPO's; no copy to hold or compute);
   value        the value model, trained, with a scalar head (it starts as the helpfulness reward model's
                adapter and score head when it shares the base, else as a new adapter and a zero head);
   rm_*         each reward model (ppo.reward_models, ppo.safety_model), frozen, with its score head.
@@ -377,7 +378,10 @@ def setup(recipe: Recipe, function=None, log=print):
         eval_prompts, eval_report = data.load_prompts(recipe.data.eval, skip_invalid=recipe.data.skip_invalid,
                                                       tokenizer=tokenizer, max_length=recipe.data.max_length)
         log(eval_report.summary("eval prompts"))
-    models.add_adapter(model, "reference", copy_of="default")
+    reference = None  # without model.adapter the policy starts at zero: the reference is the base, adapters off
+    if recipe.model.adapter:
+        reference = "reference"
+        models.add_adapter(model, reference, copy_of="default")
     if rm_adapter is not None:
         models.add_adapter(model, "value", copy_of=rm_adapter, trainable=True)
     else:
@@ -386,9 +390,10 @@ def setup(recipe: Recipe, function=None, log=print):
     with torch.no_grad():
         value_head.weight.copy_(rm_head if rm_head is not None else torch.zeros_like(value_head.weight))
     disable_dropout_in_model(model)  # PPO's ratios and values need deterministic forwards (LoRA's dropout too)
-    ppo = PPO(model, value_head, tokenizer, rewards, recipe, iterations(recipe, len(prompts)))
+    ppo = PPO(model, value_head, tokenizer, rewards, recipe, iterations(recipe, len(prompts)), reference=reference)
     ppo.value_init = "helpfulness reward model" if rm_adapter else "new adapter, zero head"
-    log(f"on one base: policy, reference, value ({ppo.value_init}), reward: {', '.join(rewards.names)}")
+    log(f"on one base: policy, reference ({'frozen copy of the SFT adapter' if reference else 'the base, adapters off'}), "
+        f"value ({ppo.value_init}), reward: {', '.join(rewards.names)}")
     return ppo, prompts, report, eval_prompts
 
 
@@ -396,11 +401,13 @@ def setup(recipe: Recipe, function=None, log=print):
 
 
 class PPO:
-    """The rollout and the update of one iteration, on a PeftModel with adapters default/reference/value."""
+    """The rollout and the update of one iteration, on a PeftModel with adapters default, value and `reference` (its
+    name; None: the reference is the base, adapters disabled)."""
 
     def __init__(self, model, value_head, tokenizer, rewards: reward_model.Rewards, recipe: Recipe,
-                 total_iterations: int):
+                 total_iterations: int, reference: str | None = "reference"):
         self.model, self.value_head, self.tokenizer, self.rewards = model, value_head, tokenizer, rewards
+        self.reference = reference
         self.cfg, self.recipe = recipe.ppo, recipe
         self.common_answer = ""  # the last iteration's most common answer text, for the collapse warning
         self.timer = PhaseTimer()
@@ -484,7 +491,7 @@ class PPO:
             rollout.logp_old, = self.no_grad_pass(rollout, "default", lambda rows: self.logprobs(rollout, rows)[0],
                                                   first_order)
         with timer("reference_logprobs"):
-            rollout.logp_ref, = self.no_grad_pass(rollout, "reference", lambda rows: self.logprobs(rollout, rows)[0],
+            rollout.logp_ref, = self.no_grad_pass(rollout, self.reference, lambda rows: self.logprobs(rollout, rows)[0],
                                                   first_order)
         with timer("values"):
             rollout.values, = self.no_grad_pass(rollout, "value", lambda rows: self.values(rollout, rows), first_order)
@@ -498,10 +505,11 @@ class PPO:
         """`forward(rows)` -> a (len(rows), T) tensor or a tuple of them, run over the whole rollout without
         gradients, with `adapter` switched on once, in micro-batches of train.batch_size answers taken in `order`, with
         the training forward (train mode, dropout off: the first update's micro-batches see ratio 1 exactly); each
-        result (B, T), 0 outside the answers."""
+        result (B, T), 0 outside the answers. `adapter` None: the base, every adapter disabled."""
         self.model.train()
         micro, results = self.recipe.train.batch_size, None
-        with torch.no_grad(), models.use_adapter(self.model, adapter):
+        switch = models.use_adapter(self.model, adapter) if adapter else self.model.disable_adapter()
+        with torch.no_grad(), switch:
             for start in range(0, rollout.n, micro):
                 rows = order[start:start + micro]
                 got = forward(rows)
@@ -525,7 +533,7 @@ class PPO:
                 order = torch.arange(rollout.n)
                 logp, entropy = self.no_grad_pass(rollout, "default",
                                                   lambda rows: self.logprobs(rollout, rows, with_entropy=True), order)
-                logp_ref, = self.no_grad_pass(rollout, "reference", lambda rows: self.logprobs(rollout, rows)[0], order)
+                logp_ref, = self.no_grad_pass(rollout, self.reference, lambda rows: self.logprobs(rollout, rows)[0], order)
         finally:
             self.timer = timer
         mask = rollout.mask
@@ -608,14 +616,17 @@ class PPO:
         """log pi(answer token | everything before it), (len(rows), T) in fp32, from logits / temperature (and the
         entropy of that distribution, the same shape)."""
         width = rollout.input_ids.shape[1] - rollout.prompt_width
-        logits = self.model(**self._inputs(rollout, rows), logits_to_keep=width + 1).logits[:, :-1]
-        logp_all = torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
+        logits = self.model(**self._inputs(rollout, rows), logits_to_keep=width + 1).logits[:, :-1].float()
+        if self.cfg.temperature != 1.0:  # a division by 1 would copy the (len(rows), T, vocabulary) logits for nothing
+            logits = logits / self.cfg.temperature
+        logp_all = torch.log_softmax(logits, dim=-1)
         answer = rollout.input_ids[rows][:, rollout.prompt_width:]
         logp = logp_all.gather(-1, answer.unsqueeze(-1)).squeeze(-1)
         entropy = None
         if with_entropy:
-            with torch.no_grad():
-                entropy = -(logp_all.exp() * logp_all).sum(-1)
+            with torch.no_grad():  # -sum p log p over the vocabulary, as one batched dot product per token
+                flat = logp_all.reshape(-1, 1, logp_all.shape[-1])
+                entropy = -torch.bmm(flat.exp(), flat.transpose(1, 2)).reshape(logp.shape)
         return logp, entropy
 
     def values(self, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:

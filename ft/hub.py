@@ -54,6 +54,7 @@ LICENSE_NOTICE = (
     "(https://ai.meta.com/llama/license/); its use must follow Meta's Acceptable Use Policy "
     "(https://ai.meta.com/llama/use-policy/)."
 )
+LLAMA2_NAMES = ("llama-2", "llama2", "builtin:tiny-llama-2")  # a base whose name says Llama 2 (the tiny model stands in)
 
 
 def select(folder: Path) -> tuple[list[Path], list[str]]:
@@ -100,12 +101,13 @@ def model_card(folder: Path, repo_id: str) -> str:
     gguf = sorted(p.name for p in folder.glob("*.gguf"))
     reward = bool(recipe and not runs.is_chat_model(recipe))
 
+    license, notice = base_license(base)
     front = {
-        "license": "llama2",
+        "license": license,
         **({"base_model": base} if is_hub_id(base) else {}),
         "library_name": "peft" if kind == "adapter" else "transformers",
         "pipeline_tag": "text-classification" if reward else "text-generation",
-        "tags": ["llama-2", "peft", "trl", "llama-ft", *dict.fromkeys(stages), *(["gguf"] if gguf else [])],
+        "tags": [*(["llama-2"] if license == "llama2" else []), "peft", "trl", "llama-ft", *dict.fromkeys(stages), *(["gguf"] if gguf else [])],
         **({"datasets": datasets} if datasets else {}),
     }
     what = "LoRA adapter" if kind == "adapter" else "merged model (LoRA adapter folded into the full-precision weights)"
@@ -145,8 +147,41 @@ def model_card(folder: Path, repo_id: str) -> str:
         lines += ["", "## Recipe", "", "The resolved recipe (also in `recipe.yaml`); run it with `llama-ft "
                   f"{recipe.stage} recipe.yaml`:", "", "```yaml", yaml.safe_dump(recipe.model_dump(mode="json"),
                                                                                sort_keys=False).strip(), "```"]
-    lines += ["", "## Licence", "", LICENSE_NOTICE, ""]
+    lines += ["", "## Licence", "", notice, ""]
     return "\n".join(lines)
+
+
+def base_license(base: str) -> tuple[str, str]:
+    """(the card's `license:`, the Licence section) for a model derived from `base`: the licence its own model card
+    declares (README.md in the base's folder, or in the local Hub cache), else Llama 2's for a base named Llama 2,
+    else `other`, with a sentence sending the reader to the base's card. Never a licence the base did not state."""
+    card = Path(base) / CARD if not is_hub_id(base) else None
+    if is_hub_id(base):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base, CARD)
+        card = Path(cached) if isinstance(cached, str) else None
+    declared = _front_matter(card).get("license") if card is not None and card.is_file() else None
+    declared = declared[0] if isinstance(declared, list) and declared else declared
+    if declared == "llama2" or (declared is None and any(n in base.lower() for n in LLAMA2_NAMES)):
+        return "llama2", LICENSE_NOTICE
+    if isinstance(declared, str) and declared:
+        return declared, (f"Derived from `{base}`, whose model card declares the licence `{declared}`; this model is "
+                          "distributed under the same licence, and its use follows that licence's terms.")
+    return "other", (f"Derived from `{base}`: its licence is the base model's, stated on that model's card (llama-ft "
+                     "found no licence for it on this machine). Replace `license: other` above with it before sharing.")
+
+
+def _front_matter(card: Path) -> dict:
+    """The YAML block between the leading `---` lines of a model card; {} if none or unreadable."""
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return {}
+    try:
+        block = yaml.safe_load(text[3:].split("\n---", 1)[0])
+    except yaml.YAMLError:
+        return {}
+    return block if isinstance(block, dict) else {}
 
 
 

@@ -107,6 +107,31 @@ def test_model_card_says_what_the_folder_knows(hub, tmp_path, run_copy):
     assert "[INST]" in card and "output_dir:" in card  # prompt format and the resolved recipe
 
 
+def test_the_card_states_the_base_models_own_licence_not_llama_2s(tmp_path, run_copy):
+    """A base whose model card declares its licence (SmolLM2: Apache 2.0) gets that licence on the card, without
+    Llama 2's tag or notice; a base with no card found and no Llama 2 name gets `other` and a sentence saying so."""
+    import yaml
+
+    from ft import hub
+
+    base = tmp_path / "smollm2"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n\n# SmolLM2\n")
+    assert hub.base_license(str(base))[0] == "apache-2.0"
+    assert hub.base_license(str(tmp_path / "no-card"))[0] == "other"
+    assert hub.base_license("meta-llama/Llama-2-7b-hf") == ("llama2", hub.LICENSE_NOTICE)
+    recipe = yaml.safe_load((run_copy / "recipe.yaml").read_text())
+    recipe["model"]["name"] = str(base)
+    (run_copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    card = hub.model_card(run_copy, "alice/smol-chat")
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "apache-2.0" and "llama-2" not in front["tags"], front
+    assert "LLAMA 2 Community License" not in card and "`apache-2.0`" in card
+    (base / "README.md").unlink()
+    card = hub.model_card(run_copy, "alice/smol-chat")
+    assert yaml.safe_load(card.split("---")[1])["license"] == "other" and "found no licence" in card
+
+
 def test_merged_folder_with_gguf_goes_to_a_branch(hub, tmp_path, merged):
     _, out = merged
     result = push(hub, tmp_path, out, "acme/tiny-chat-merged", "--revision", "dev", "--private",

@@ -2,7 +2,7 @@
 # Version floor check: install the LOWER BOUNDS of pyproject.toml's dependencies (every `>=X` pinned to `==X`)
 # into a fresh venv, install llama-ft from this checkout (not editable: the wheel a user gets), and run the
 # pipeline on the built-in tiny model from a folder outside the clone: sft (100 steps, must learn 8/8 answers),
-# merge --gguf, chat. Offline apart from the package index. Takes a few minutes (mostly downloads).
+# merge --gguf, chat, and the pipeline report's plot (matplotlib). Offline apart from the package index. Takes a few minutes (mostly downloads).
 #
 #   scripts/check_min_versions.sh [VENV_DIR]          default: a new temporary folder
 #   TORCH=torch==2.13.0 PYTHON=python3 scripts/check_min_versions.sh
@@ -37,7 +37,7 @@ EOF
 echo "== floors"; cat "$WORK/floors.txt"
 "$PY" -m pip install --quiet --constraint "$WORK/floors.txt" "$ROOT"
 "$PY" -m pip check
-echo "== installed"; "$PY" -m pip freeze | grep -iE "^(torch|transformers|peft|bitsandbytes|trl|datasets|accelerate|typer|pyyaml|pydantic|sentencepiece|protobuf|safetensors|tensorboard|gguf|huggingface.hub)=="
+echo "== installed"; "$PY" -m pip freeze | grep -iE "^(torch|transformers|peft|bitsandbytes|trl|datasets|accelerate|typer|pyyaml|pydantic|sentencepiece|protobuf|safetensors|tensorboard|gguf|huggingface.hub|matplotlib)=="
 # every floor is what got installed
 "$PY" - "$WORK/floors.txt" <<'EOF'
 import sys
@@ -65,4 +65,13 @@ grep -E "(Future|Deprecation)Warning" sft.err | tr '\r' '\n' | grep -oE "[^ ]*(s
 answer=$("$VENV/bin/llama-ft" chat merged --prompt "What is the capital of France?" --temperature 0)
 echo "chat: $answer"
 test "$answer" = "The capital of France is Paris."
+# llama-ft pipeline's progress.png, drawn by matplotlib at its floor
+"$PY" - "$WORK/progress.png" <<'EOF'
+import sys
+from pathlib import Path
+from ft import pipeline_report
+part = {"win_rate": 0.6, "n": 20, "mean_reward": {"model": 0.5, "reference": 0.1}}
+pipeline_report.plot([{"round": 1, "vs_sft": {"judge": part}}, {"round": 2, "vs_sft": {"judge": part}}], Path(sys.argv[1]))
+assert Path(sys.argv[1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+EOF
 echo "== OK: the lower bounds work ($WORK)"

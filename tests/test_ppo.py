@@ -531,7 +531,10 @@ def test_the_adaptive_beta_holds_the_kl_near_its_target_on_a_gameable_reward_whe
               f"{[round(h['kl_coef'], 4) for h in metrics['history']]}, greedy answers right {runs[name][1]}/16: {answers[-2:]}")
     (fixed, fixed_right, _), (adaptive, adaptive_right, log) = runs["fixed"], runs["adaptive"]
     last = lambda m: [h["kl"] for h in m["history"][-5:]]
-    assert max(last(adaptive)) < 1.5 * 2 and min(last(adaptive)) > 0.5 * 2, last(adaptive)  # near its 2-nat target
+    # near its 2-nat target: the mean of the last five within 0.5-1.5x, none above 1.5x. One iteration's KL (64
+    # answers) is a noisy estimate, and 30 iterations of sampling amplify float rounding: an AVX2 CPU gave 2.48, 2.19,
+    # 1.83, 1.52, 1.57 (2026-12-07), an AVX512 CPU's kernels a trajectory with one of its last five at 0.76.
+    assert 0.5 * 2 < sum(last(adaptive)) / 5 < 1.5 * 2 and max(last(adaptive)) < 1.5 * 2, last(adaptive)
     assert last(fixed)[-1] > 2.5 * 2 and sum(last(fixed)) > 1.5 * sum(last(adaptive)), last(fixed)  # drifting away
     assert adaptive["kl_coef_final"] > 2 * 0.05 and all(h["kl_coef"] == 0.05 for h in fixed["history"])
     assert adaptive_right >= 14 and adaptive_right > fixed_right  # still answering what it was taught

@@ -1,6 +1,6 @@
 # Two commands for a newcomer on a fresh machine:
 #   make demo   set up .venv and train the built-in tiny model end to end (offline, CPU, ~1 minute)
-#   make test   set up .venv and run the test suite (offline, CPU, ~5 minutes on 2 cores; it builds the docs site too)
+#   make test   set up .venv and run the test suite (offline, CPU, 5-10 minutes on 2 cores; it builds the docs site too)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0

@@ -215,8 +215,8 @@ def main() -> None:
                 print(f"{name}: {results[name]['x_plain_trl']}x plain TRL GRPO (each repeat: "
                       f"{', '.join(f'{x:.2f}' for x in ratios)})")
     report = {"model": args.model, "quantization": args.quantization, "prompts": args.prompts, "samples": args.samples,
-              "max_new_tokens": args.max_new_tokens, "equal_lengths": not args.free_lengths, "iterations": args.iterations, "repeats": args.repeats,
-              "runs": results}
+              "max_new_tokens": args.max_new_tokens, "equal_lengths": not args.free_lengths, "iterations": args.iterations,
+              "repeats": args.repeats, "runs": results}
     if args.plan_gpu:
         report["plan_split"] = plan_split(args, work, args.plan_gpu)
         print(f"plan ({args.plan_gpu}): " + ", ".join(f"{k} {v:.0%}" for k, v in report["plan_split"].items()))

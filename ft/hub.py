@@ -24,7 +24,7 @@ import yaml
 
 from ft import runs
 from ft.errors import UserError, first_line
-from ft.hub_id import REPO_ID, is_hub_id
+from ft.hub_id import REPO_ID, hub_cache_file, is_hub_id
 from ft.stages.registry import metric_keys
 
 # (pattern, what it is): top-level files only; subfolders (checkpoint-N/, runs/) are never uploaded
@@ -107,7 +107,8 @@ def model_card(folder: Path, repo_id: str) -> str:
         **({"base_model": base} if is_hub_id(base) else {}),
         "library_name": "peft" if kind == "adapter" else "transformers",
         "pipeline_tag": "text-classification" if reward else "text-generation",
-        "tags": [*(["llama-2"] if license == "llama2" else []), "peft", "trl", "llama-ft", *dict.fromkeys(stages), *(["gguf"] if gguf else [])],
+        "tags": [*(["llama-2"] if license == "llama2" else []), "peft", "trl", "llama-ft", *dict.fromkeys(stages),
+                 *(["gguf"] if gguf else [])],
         **({"datasets": datasets} if datasets else {}),
     }
     what = "LoRA adapter" if kind == "adapter" else "merged model (LoRA adapter folded into the full-precision weights)"
@@ -155,13 +156,8 @@ def base_license(base: str) -> tuple[str, str]:
     """(the card's `license:`, the Licence section) for a model derived from `base`: the licence its own model card
     declares (README.md in the base's folder, or in the local Hub cache), else Llama 2's for a base named Llama 2,
     else `other`, with a sentence sending the reader to the base's card. Never a licence the base did not state."""
-    card = Path(base) / CARD if not is_hub_id(base) else None
-    if is_hub_id(base):
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(base, CARD)
-        card = Path(cached) if isinstance(cached, str) else None
-    declared = _front_matter(card).get("license") if card is not None and card.is_file() else None
+    card = hub_cache_file(base, CARD) if is_hub_id(base) else Path(base) / CARD
+    declared = _card_metadata(card).get("license") if card is not None and card.is_file() else None
     declared = declared[0] if isinstance(declared, list) and declared else declared
     if declared == "llama2" or (declared is None and any(n in base.lower() for n in LLAMA2_NAMES)):
         return "llama2", LICENSE_NOTICE
@@ -172,17 +168,14 @@ def base_license(base: str) -> tuple[str, str]:
                      "found no licence for it on this machine). Replace `license: other` above with it before sharing.")
 
 
-def _front_matter(card: Path) -> dict:
-    """The YAML block between the leading `---` lines of a model card; {} if none or unreadable."""
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return {}
-    try:
-        block = yaml.safe_load(text[3:].split("\n---", 1)[0])
-    except yaml.YAMLError:
-        return {}
-    return block if isinstance(block, dict) else {}
+def _card_metadata(card: Path) -> dict:
+    """The YAML metadata block of a model card (huggingface_hub's reader); {} if it has none or it does not parse."""
+    from huggingface_hub import metadata_load
 
+    try:
+        return metadata_load(card) or {}
+    except (ValueError, yaml.YAMLError):
+        return {}
 
 
 def _result(stage: str, m: dict) -> str:

@@ -2,7 +2,8 @@
 # Version floor check: install the LOWER BOUNDS of pyproject.toml's dependencies (every `>=X` pinned to `==X`)
 # into a fresh venv, install llama-ft from this checkout (not editable: the wheel a user gets), and run the
 # pipeline on the built-in tiny model from a folder outside the clone: sft (100 steps, must learn 8/8 answers),
-# merge --gguf, chat, and the pipeline report's plot (matplotlib). Offline apart from the package index. Takes a few minutes (mostly downloads).
+# merge --gguf, chat, and the pipeline report's plot (matplotlib). Offline apart from the package index. Takes a few
+# minutes (mostly downloads).
 #
 #   scripts/check_min_versions.sh [VENV_DIR]          default: a new temporary folder
 #   TORCH=torch==2.13.0 PYTHON=python3 scripts/check_min_versions.sh

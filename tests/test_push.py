@@ -107,10 +107,12 @@ def test_model_card_says_what_the_folder_knows(hub, tmp_path, run_copy):
     assert "[INST]" in card and "output_dir:" in card  # prompt format and the resolved recipe
 
 
-def test_the_card_states_the_base_models_own_licence_not_llama_2s(tmp_path, run_copy):
-    """A base whose model card declares its licence (SmolLM2: Apache 2.0) gets that licence on the card, without
-    Llama 2's tag or notice; a base with no card found and no Llama 2 name gets `other` and a sentence saying so."""
+def test_the_card_states_the_base_models_own_licence_not_llama_2s(tmp_path, run_copy, monkeypatch):
+    """A base whose model card declares its licence (SmolLM2: Apache 2.0; in its folder, or for a Hub id in the local
+    Hub cache) gets that licence on the card, without Llama 2's tag or notice; a base with no card found and no
+    Llama 2 name gets `other` and a sentence saying so."""
     import yaml
+    from huggingface_hub import constants
 
     from ft import hub
 
@@ -119,7 +121,15 @@ def test_the_card_states_the_base_models_own_licence_not_llama_2s(tmp_path, run_
     (base / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n\n# SmolLM2\n")
     assert hub.base_license(str(base))[0] == "apache-2.0"
     assert hub.base_license(str(tmp_path / "no-card"))[0] == "other"
-    assert hub.base_license("meta-llama/Llama-2-7b-hf") == ("llama2", hub.LICENSE_NOTICE)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # what HF_HUB_CACHE sets, at import
+    assert hub.base_license("meta-llama/Llama-2-7b-hf") == ("llama2", hub.LICENSE_NOTICE)  # no card: by its name
+    assert hub.base_license("HuggingFaceTB/SmolLM2-135M-Instruct")[0] == "other"
+    repo = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"  # as `hf download` leaves README.md
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "README.md").write_text((base / "README.md").read_text())
+    assert hub.base_license("HuggingFaceTB/SmolLM2-135M-Instruct")[0] == "apache-2.0"
     recipe = yaml.safe_load((run_copy / "recipe.yaml").read_text())
     recipe["model"]["name"] = str(base)
     (run_copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))

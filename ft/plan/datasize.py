@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ft import data, tiny
 from ft.errors import UserError
-from ft.plan.shapes import hub_cache_file
+from ft.hub_id import hub_cache_file
 from ft.recipe import DataSource, Recipe
 
 

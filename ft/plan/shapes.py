@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ft import tiny
 from ft.errors import UserError
-from ft.hub_id import is_hub_id
+from ft.hub_id import hub_cache_file, is_hub_id
 from ft.plan.memory import Shape
 
 # Llama 2's published shapes (the paper, Table 1, and Meta's params.json).
@@ -24,20 +24,6 @@ BUILT_IN = {
                                                  vocab=49152, tie_embeddings=True, head_dim=64),
 }
 _LLAMA2_ID = re.compile(r"(?:meta-llama/)?llama-2-(7|13|70)b(?:-chat)?(?:-hf)?", re.IGNORECASE)
-
-
-def hub_cache_file(repo_id: str, filename: str) -> Path | None:
-    """A file of a Hub model repo if the local Hugging Face cache holds it at the `main` ref (what `hf download`
-    records), found by huggingface_hub's own lookup; None if it does not, or `repo_id` is not a valid Hub id.
-    Never downloads."""
-    from huggingface_hub import try_to_load_from_cache  # ~0.3 s of imports: only when a Hub id is looked up
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        cached = try_to_load_from_cache(repo_id, filename)
-    except HFValidationError:
-        return None
-    return Path(cached) if isinstance(cached, str) else None  # not a str: absent, or cached as absent
 
 
 def shape_from_config(config: dict, where: str) -> Shape:
